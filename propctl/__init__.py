@@ -1,0 +1,1 @@
+"""The propctl command line: a thin layer over ``reconciler``."""

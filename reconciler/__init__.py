@@ -1,0 +1,1 @@
+"""The reconcile pass: source, loader, observe, diff, placement, plan, converge."""
