@@ -8,7 +8,7 @@ are in the topic (see ``schemas.topics``).
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -47,12 +47,12 @@ class Message(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
 
-class Runtime(str, Enum):
+class Runtime(StrEnum):
     WASMTIME = "wasmtime"
     WAMR = "wamr"
 
 
-class TaskState(str, Enum):
+class TaskState(StrEnum):
     """States a proplet reports. ``Pending`` covers queued and fetching."""
 
     PENDING = "Pending"
@@ -60,6 +60,9 @@ class TaskState(str, Enum):
     COMPLETED = "Completed"
     FAILED = "Failed"
     STOPPED = "Stopped"
+
+
+TerminalState = Literal[TaskState.COMPLETED, TaskState.FAILED, TaskState.STOPPED]
 
 
 class Announce(Message):
@@ -162,7 +165,7 @@ class TaskResult(Message):
     proplet: PropletId
     task: TaskName
     spec_hash: str = Field(max_length=80)
-    state: Literal[TaskState.COMPLETED, TaskState.FAILED, TaskState.STOPPED]
+    state: TerminalState
     runs: int = Field(ge=1)
     started_at: Timestamp
     finished_at: Timestamp

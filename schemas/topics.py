@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -30,7 +30,7 @@ def check_segment(kind: str, value: str) -> str:
     return value
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     """What a topic carries; the value is its last fixed level."""
 
     ANNOUNCE = "announce"

@@ -1,0 +1,196 @@
+"""Chunked artifact transfer, requester side: reassembly, resume and retry decisions.
+
+``Assembly`` is pure: it takes chunks of a known size in any order and says what is missing.
+``Transfers`` tracks every artifact this agent waits for and decides when to ask again; it does
+no IO itself, it returns the requests to publish, so it is tested without a broker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+from schemas.messages import ArtifactOffer, ArtifactRequest, chunk_count
+
+log = logging.getLogger(__name__)
+
+# Ask for at most this many chunk indices in one resume request (keeps requests small).
+MAX_RESUME_INDICES = 1024
+
+
+class Assembly:
+    """One artifact being reassembled from chunks of ``chunk_size`` bytes."""
+
+    def __init__(self, digest: str, size: int, chunk_size: int) -> None:
+        self.digest = digest
+        self.size = size
+        self.chunk_size = chunk_size
+        self.count = chunk_count(size, chunk_size)
+        self._chunks: dict[int, bytes] = {}
+
+    def expected_length(self, index: int) -> int:
+        if index == self.count - 1:
+            return self.size - index * self.chunk_size
+        return self.chunk_size
+
+    def add(self, index: int, data: bytes) -> bool:
+        """Keep a chunk if it fits; a chunk of the wrong length or index is refused."""
+        if not 0 <= index < self.count or len(data) != self.expected_length(index):
+            return False
+        self._chunks[index] = data
+        return True
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.count) if i not in self._chunks]
+
+    @property
+    def complete(self) -> bool:
+        return len(self._chunks) == self.count
+
+    def verified(self) -> bytes | None:
+        """The whole content if its sha256 matches the digest, else None."""
+        data = b"".join(self._chunks[i] for i in range(self.count))
+        if "sha256:" + hashlib.sha256(data).hexdigest() != self.digest:
+            return None
+        return data
+
+
+@dataclass(slots=True)
+class Wanted:
+    """An artifact this agent waits for."""
+
+    digest: str
+    image: str | None
+    attempt: int = 0
+    next_try: float = 0.0
+    assembly: Assembly | None = None
+    error: str | None = None
+    progress_at: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """How long to wait for progress before asking again, and the backoff between attempts."""
+
+    stall: float = 1.0
+    initial: float = 0.5
+    maximum: float = 30.0
+
+    def backoff(self, attempt: int) -> float:
+        return float(min(self.maximum, self.initial * (2 ** max(0, attempt - 1))))
+
+
+class Transfers:
+    """Every artifact in flight for one requester."""
+
+    def __init__(self, proplet: str, chunk_size: int, timing: Timing | None = None) -> None:
+        self.proplet = proplet
+        self.chunk_size = chunk_size
+        self.timing = timing or Timing()
+        self._wanted: dict[str, Wanted] = {}
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._wanted
+
+    def waiting(self, digest: str) -> Wanted | None:
+        return self._wanted.get(digest)
+
+    def want(self, digest: str, image: str | None, now: float) -> ArtifactRequest | None:
+        """Start fetching ``digest`` unless already in flight; returns the request to send."""
+        if digest in self._wanted:
+            return None
+        wanted = Wanted(digest, image)
+        self._wanted[digest] = wanted
+        return self._ask(wanted, now, resume=False)
+
+    def drop(self, digest: str) -> None:
+        self._wanted.pop(digest, None)
+
+    def on_offer(self, offer: ArtifactOffer, now: float) -> str | None:
+        """Record an offer; returns an error text when the server cannot provide the artifact."""
+        wanted = self._wanted.get(offer.digest)
+        if wanted is None:
+            return None
+        if offer.error is not None:
+            wanted.error = offer.error
+            wanted.assembly = None
+            wanted.next_try = now + self.timing.backoff(wanted.attempt + 1)
+            return offer.error
+        current = wanted.assembly
+        if current is None or (current.size, current.chunk_size) != (offer.size, offer.chunk_size):
+            wanted.assembly = Assembly(offer.digest, offer.size, offer.chunk_size)
+        wanted.error = None
+        wanted.progress_at = now
+        return None
+
+    def on_chunk(self, digest: str, index: int, data: bytes, now: float) -> bytes | None:
+        """Add a chunk; returns the verified content once complete.
+
+        A complete artifact whose digest does not match is thrown away and fetched again from
+        the start on the next ``due`` call.
+        """
+        wanted = self._wanted.get(digest)
+        if wanted is None or wanted.assembly is None:
+            return None
+        if not wanted.assembly.add(index, data):
+            log.warning(
+                "dropped chunk %d of %s: wrong index or length (%d bytes)", index, digest, len(data)
+            )
+            return None
+        wanted.progress_at = now
+        wanted.attempt = 0
+        if not wanted.assembly.complete:
+            return None
+        content = wanted.assembly.verified()
+        if content is None:
+            reason = f"content of {digest} does not match its digest; fetching again"
+            log.warning("%s", reason)
+            wanted.failures.append(reason)
+            wanted.assembly = None
+            wanted.next_try = now + self.timing.backoff(wanted.attempt)
+            return None
+        del self._wanted[digest]
+        return content
+
+    def due(self, now: float) -> list[ArtifactRequest]:
+        """Requests to send now: retries after errors, resumes after a stall."""
+        requests = []
+        for wanted in self._wanted.values():
+            if wanted.assembly is not None:
+                if now - wanted.progress_at >= self.timing.stall and now >= wanted.next_try:
+                    requests.append(self._ask(wanted, now, resume=True))
+            elif now >= wanted.next_try:
+                requests.append(self._ask(wanted, now, resume=False))
+        return requests
+
+    def resend(self, now: float) -> list[ArtifactRequest]:
+        """Ask again for everything in flight, e.g. after a reconnect lost the replies."""
+        return [self._ask(w, now, resume=w.assembly is not None) for w in self._wanted.values()]
+
+    def next_deadline(self) -> float | None:
+        times = [
+            max(w.progress_at + self.timing.stall, w.next_try)
+            if w.assembly is not None
+            else w.next_try
+            for w in self._wanted.values()
+        ]
+        return min(times) if times else None
+
+    def _ask(self, wanted: Wanted, now: float, *, resume: bool) -> ArtifactRequest:
+        wanted.attempt += 1
+        wanted.next_try = now + self.timing.backoff(wanted.attempt)
+        chunks: list[int] | None = None
+        chunk_size = self.chunk_size
+        if resume and wanted.assembly is not None:
+            chunks = wanted.assembly.missing()[:MAX_RESUME_INDICES]
+            chunk_size = wanted.assembly.chunk_size
+            wanted.progress_at = now
+        return ArtifactRequest(
+            proplet=self.proplet,
+            digest=wanted.digest,
+            chunk_size=chunk_size,
+            chunks=chunks,
+            image=wanted.image,
+        )
