@@ -1,0 +1,656 @@
+"""Real Mosquitto brokers on loopback, for tests and benchmarks.
+
+`Mosquitto` writes a config file (plus password, ACL and TLS files when asked) into a directory
+and runs `mosquitto -c CONF` as a child process listening on 127.0.0.1 only. `ProbeClient` is a
+paho 2.x client with the small amount of synchronisation tests need: wait for CONNACK, SUBACK
+and publish acknowledgements, and collect received messages in a queue.
+
+Typical use outside pytest (benchmarks)::
+
+    with Mosquitto() as broker, connect_client(broker) as client:
+        client.subscribe_wait("t/#")
+        client.publish_wait("t/1", b"x")
+        msg = client.next_message()
+
+One broker per directory: the files have fixed names inside it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import queue
+import re
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+HOST = "127.0.0.1"
+
+#: Users, ACL and topics of the `secure_broker` fixture (exported so tests can build variants).
+SECURE_USERS: dict[str, str] = {"alice": "alice-pass", "bob": "bob-pass"}
+SECURE_ACL = """\
+user alice
+topic readwrite m/dom-a/c/ch-a/#
+
+user bob
+topic readwrite m/dom-b/c/ch-b/#
+"""
+
+_LOG_TAIL_LINES = 40
+_RUNNING = re.compile(r"mosquitto version \S+ running")
+
+
+class BrokerError(RuntimeError):
+    """The broker could not be set up, started or stopped."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def pid_exists(pid: int) -> bool:
+    """True while a process (not yet reaped) with this pid exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _mosquitto_binary() -> str:
+    found = os.environ.get("MOSQUITTO_BIN") or shutil.which("mosquitto")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise BrokerError("mosquitto not found: apt-get install -y mosquitto (or set MOSQUITTO_BIN)")
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+    if not found:
+        raise BrokerError(f"{name} not found on PATH")
+    return found
+
+
+def _run(argv: Sequence[str], cwd: Path) -> None:
+    proc = subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise BrokerError(
+            f"{' '.join(argv)} failed with exit code {proc.returncode}:\n{proc.stderr}{proc.stdout}"
+        )
+
+
+# Everything the openssl CLI needs comes from these files, not from the system openssl.cnf.
+# The extensions satisfy strict X.509 verification (Python 3.13's VERIFY_X509_STRICT too).
+_CA_CNF = """\
+[req]
+prompt = no
+distinguished_name = dn
+x509_extensions = v3_ca
+[dn]
+CN = Propeller test CA
+[v3_ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+"""
+
+_SERVER_CNF = """\
+[req]
+prompt = no
+distinguished_name = dn
+[dn]
+CN = localhost
+"""
+
+_SERVER_EXT = """\
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:localhost, IP:127.0.0.1
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid, issuer
+"""
+
+
+def generate_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """Write a CA and a server certificate for localhost/127.0.0.1 signed by it.
+
+    Returns (ca_file, cert_file, key_file). Keys are EC P-256, which the openssl CLI makes in
+    milliseconds; certificates are valid for two days.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ca.cnf").write_text(_CA_CNF)
+    (directory / "server.cnf").write_text(_SERVER_CNF)
+    (directory / "server.ext").write_text(_SERVER_EXT)
+    openssl = _tool("openssl")
+    ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+    serial = uuid.uuid4().int >> 65
+    for args in (
+        f"req -x509 {ec} -days 2 -sha256 -config ca.cnf -keyout ca.key -out ca.crt",
+        f"req -new {ec} -config server.cnf -keyout server.key -out server.csr",
+        "x509 -req -days 2 -sha256 -in server.csr -CA ca.crt -CAkey ca.key"
+        f" -set_serial {serial} -extfile server.ext -out server.crt",
+    ):
+        _run([openssl, *shlex.split(args)], directory)
+    for key in ("ca.key", "server.key"):
+        (directory / key).chmod(0o600)
+    return directory / "ca.crt", directory / "server.crt", directory / "server.key"
+
+
+class Mosquitto:
+    """One Mosquitto process listening on 127.0.0.1:port, configured by files in `directory`.
+
+    Nothing starts in the constructor (except generating files); call `start()` or use it as a
+    context manager. `restart()` keeps the port; with persistence off (the default) it loses
+    retained messages and sessions, like a broker crash with no storage.
+    """
+
+    def __init__(
+        self,
+        directory: Path | str | None = None,
+        *,
+        port: int | None = None,
+        users: Mapping[str, str] | None = None,
+        acl: str | None = None,
+        tls: bool = False,
+        max_queued_messages: int | None = None,
+        extra_config: str | Iterable[str] = (),
+        persistence: bool = False,
+        allow_anonymous: bool | None = None,
+        start_timeout: float = 5.0,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        self._owns_dir = directory is None
+        self.directory = Path(
+            tempfile.mkdtemp(prefix="mosquitto-") if directory is None else directory
+        )
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.conf_path = self.directory / "mosquitto.conf"
+        if self.conf_path.exists():
+            raise BrokerError(f"{self.conf_path} exists: use one directory per broker")
+        self._port = port if port is not None else free_port()
+        self._auto_port = port is None
+        self.users: dict[str, str] = dict(users or {})
+        self.acl = acl
+        self.tls = tls
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.log_path = self.directory / "mosquitto.log"
+        self.output_path = self.directory / "mosquitto.out"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._ca_file: Path | None = None
+        self._cert_file: Path | None = None
+        self._key_file: Path | None = None
+        self._started_once = False
+
+        lines: list[str] = []
+        if os.geteuid() == 0:
+            # Otherwise mosquitto 2 drops to user "mosquitto" and cannot write its log here.
+            lines.append("user root")
+        lines += [f"log_dest file {self.log_path}", "log_timestamp_format %H:%M:%S"]
+        if persistence:
+            lines += ["persistence true", f"persistence_location {self.directory}/"]
+        else:
+            lines.append("persistence false")
+        if max_queued_messages is not None:
+            lines.append(f"max_queued_messages {max_queued_messages}")
+        if self.users:
+            password_file = self.directory / "passwords"
+            password_file.write_text("")
+            password_file.chmod(0o600)
+            passwd = _tool("mosquitto_passwd")
+            for name, password in self.users.items():
+                _run([passwd, "-b", str(password_file), name, password], self.directory)
+            lines.append(f"password_file {password_file}")
+        if acl is not None:
+            acl_file = self.directory / "acl"
+            acl_file.write_text(acl if acl.endswith("\n") else acl + "\n")
+            lines.append(f"acl_file {acl_file}")
+        if isinstance(extra_config, str):
+            extra_config = extra_config.splitlines()
+        lines += list(extra_config)
+        lines.append("listener PORT_PLACEHOLDER " + HOST)
+        if allow_anonymous is None:
+            allow_anonymous = not self.users
+        # In mosquitto 2 allow_anonymous is a per-listener setting placed after `listener`.
+        lines.append(f"allow_anonymous {'true' if allow_anonymous else 'false'}")
+        if tls:
+            ca, cert, key = generate_tls_files(self.directory / "tls")
+            self._ca_file, self._cert_file, self._key_file = ca, cert, key
+            lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
+        self._config_lines = lines
+        self._write_config()
+
+    # -- configuration -------------------------------------------------------------------
+
+    def _write_config(self) -> None:
+        text = "\n".join(
+            f"listener {self._port} {HOST}"
+            if line.startswith("listener PORT_PLACEHOLDER")
+            else line
+            for line in self._config_lines
+        )
+        self.conf_path.write_text(text + "\n")
+
+    # -- properties ----------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return HOST
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{HOST}:{self._port}"
+
+    @property
+    def pid(self) -> int:
+        """Pid of the current (or last) process; raises if it was never started."""
+        if self._proc is None:
+            raise BrokerError("broker was never started")
+        return self._proc.pid
+
+    @property
+    def ca_file(self) -> Path:
+        if self._ca_file is None:
+            raise BrokerError("broker was configured without tls")
+        return self._ca_file
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
+        tail = self.log_text().splitlines()[-lines:]
+        try:
+            output = self.output_path.read_text(errors="replace").strip()
+        except FileNotFoundError:
+            output = ""
+        text = "\n".join(tail)
+        if output:
+            text += f"\n--- mosquitto stdout/stderr ---\n{output}"
+        return text
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> Self:
+        """Start the process and return once the listener accepts TCP connections."""
+        if self.running:
+            raise BrokerError(f"broker already running (pid {self.pid})")
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            with self.output_path.open("ab") as out:
+                self._proc = subprocess.Popen(
+                    [_mosquitto_binary(), "-c", str(self.conf_path)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.directory,
+                    start_new_session=True,  # a ^C reaches pytest only; our finalizer stops it
+                )
+            _LIVE.add(self)
+            outcome = self._wait_ready(log_offset, deadline)
+            if outcome == "ready":
+                return self
+            self._reap()
+            if outcome == "port-in-use" and time.monotonic() < deadline:
+                if self._auto_port and not self._started_once:
+                    self._port = free_port()  # lost a race for the free port: pick another
+                    self._write_config()
+                else:
+                    time.sleep(0.05)  # restart on the same port: the old socket may linger
+                continue
+            raise BrokerError(
+                f"mosquitto did not become ready on {HOST}:{self._port} ({outcome});"
+                f" log tail:\n{self.log_tail()}"
+            )
+
+    def _wait_ready(self, log_offset: int, deadline: float) -> str:
+        assert self._proc is not None
+        while True:
+            if self._proc.poll() is not None:
+                new_log = self._log_since(log_offset)
+                if "Address already in use" in new_log:
+                    return "port-in-use"
+                return f"exited with code {self._proc.returncode}"
+            # "running" is logged after every listener is bound, so a connect then reaches us,
+            # not some other process that took the port.
+            if _RUNNING.search(self._log_since(log_offset)) and self._port_accepts():
+                self._started_once = True
+                return "ready"
+            if time.monotonic() > deadline:
+                self.kill()
+                return f"timed out after {self.start_timeout} s"
+            time.sleep(0.01)
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _port_accepts(self) -> bool:
+        try:
+            with socket.create_connection((HOST, self._port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM the process and wait for it (SIGKILL after `stop_timeout`). Idempotent."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL the process and reap it (no clean shutdown, like a crash)."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        self._reap()
+
+    def _reap(self) -> None:
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=self.stop_timeout)
+        _LIVE.discard(self)
+
+    def restart(self) -> Self:
+        """Stop, then start again on the same port (retained messages are lost)."""
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop, and remove the directory if this object created it."""
+        self.stop()
+        if self._owns_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = f"pid {self._proc.pid}" if self.running and self._proc else "stopped"
+        return f"<Mosquitto {self.url} {state} dir={self.directory}>"
+
+
+# Safety net: brokers still running when the interpreter exits are killed.
+_LIVE: set[Mosquitto] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for broker in list(_LIVE):
+        broker.kill()
+
+
+# -- client side ---------------------------------------------------------------------------
+
+
+class ConnectRefused(Exception):
+    """The broker answered CONNECT with a failure reason code."""
+
+    def __init__(self, reason_code: ReasonCode) -> None:
+        super().__init__(f"connection refused: {reason_code} ({reason_code.value})")
+        self.reason_code = reason_code
+
+
+class ProbeClient(mqtt.Client):
+    """A paho 2.x `Client` (callback API version 2) that tests can wait on.
+
+    Received messages go to `messages` (a queue) unless you replace `on_message`;
+    `subscribe_wait` returns the SUBACK reason codes, `publish_wait` waits for the ack.
+    Use `connect_client()` (or the `mqtt_client` fixture) to get one connected.
+    """
+
+    def __init__(
+        self,
+        client_id: str | None = None,
+        *,
+        protocol: MQTTProtocolVersion = mqtt.MQTTv5,
+        clean_session: bool | None = None,
+    ) -> None:
+        super().__init__(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"probe-{uuid.uuid4().hex[:12]}",
+            protocol=protocol,
+            clean_session=clean_session,  # MQTT 3.1.1 only; v5 uses clean_start on connect
+        )
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.connack_codes: list[ReasonCode] = []
+        self._cond = threading.Condition()
+        self._subacks: dict[int, list[ReasonCode]] = {}
+        self.on_message = self._record_message
+        self.on_connect = self._record_connack
+        self.on_subscribe = self._record_suback
+
+    # callbacks (run on paho's network thread)
+
+    def _record_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.messages.put(msg)
+
+    def _record_connack(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        with self._cond:
+            self.connack_codes.append(reason_code)
+            self._cond.notify_all()
+
+    def _record_suback(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        with self._cond:
+            self._subacks[mid] = list(reason_codes)
+            self._cond.notify_all()
+
+    # waiting helpers
+
+    def wait_connack(self, count: int = 1, timeout: float = 5.0) -> ReasonCode:
+        """Wait until `count` CONNACKs arrived (count=2: reconnected once); return the last."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.connack_codes) >= count, timeout):
+                raise TimeoutError(f"no CONNACK #{count} within {timeout} s")
+            return self.connack_codes[-1]
+
+    def subscribe_wait(
+        self, topic: str, qos: int = 1, timeout: float = 5.0, **kwargs: Any
+    ) -> list[ReasonCode]:
+        """Subscribe and wait for the SUBACK; returns its reason codes (granted QoS or error)."""
+        result, mid = self.subscribe(topic, qos, **kwargs)
+        if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            raise ConnectionError(f"subscribe {topic!r} failed: {mqtt.error_string(result)}")
+        with self._cond:
+            if not self._cond.wait_for(lambda: mid in self._subacks, timeout):
+                raise TimeoutError(f"no SUBACK for {topic!r} within {timeout} s")
+            return self._subacks.pop(mid)
+
+    def publish_wait(
+        self,
+        topic: str,
+        payload: bytes | str | None = None,
+        qos: int = 1,
+        retain: bool = False,
+        *,
+        timeout: float = 5.0,
+        properties: Properties | None = None,
+    ) -> mqtt.MQTTMessageInfo:
+        """Publish and wait until acknowledged (QoS 1/2) or written to the socket (QoS 0)."""
+        info = self.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        info.wait_for_publish(timeout)
+        if not info.is_published():
+            raise TimeoutError(f"publish to {topic!r} not acknowledged within {timeout} s")
+        return info
+
+    def next_message(self, timeout: float = 5.0) -> mqtt.MQTTMessage:
+        """The next received message; raises TimeoutError if none arrives in time."""
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no message within {timeout} s") from None
+
+    def wait_for_topic(self, topic: str, timeout: float = 5.0) -> mqtt.MQTTMessage:
+        """Skip messages until one on exactly `topic` arrives; the skipped ones are dropped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.next_message(max(0.0, deadline - time.monotonic()))
+            if msg.topic == topic:
+                return msg
+
+    def drain(self, wait: float = 0.0) -> list[mqtt.MQTTMessage]:
+        """Everything received so far (after waiting `wait` seconds), emptying the queue."""
+        if wait:
+            time.sleep(wait)
+        out: list[mqtt.MQTTMessage] = []
+        while True:
+            try:
+                out.append(self.messages.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self) -> None:
+        """Disconnect and stop the network thread (and its reconnect attempts). Idempotent."""
+        with contextlib.suppress(Exception):
+            # Even when not connected: it moves paho to "disconnecting", which ends a pending
+            # reconnect wait at once instead of after up to a second.
+            self.disconnect()
+        self.loop_stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def connect_client(
+    broker: Mosquitto,
+    client_id: str | None = None,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    tls: bool | None = None,
+    ca_file: Path | str | None = None,
+    protocol: MQTTProtocolVersion = mqtt.MQTTv5,
+    keepalive: int = 30,
+    clean_start: bool = True,
+    will: tuple[str, bytes | str, int, bool] | None = None,
+    reconnect_delay: float = 0.1,
+    timeout: float = 5.0,
+) -> ProbeClient:
+    """A `ProbeClient` connected to `broker`, network loop started, CONNACK received.
+
+    TLS is used when the broker has it (override with `tls`), verifying against the broker's CA
+    and the 127.0.0.1 address. `will` is (topic, payload, qos, retain). After a lost
+    connection paho reconnects by itself, first after `reconnect_delay` seconds (paho's default
+    is 1 s; this one is short so broker restarts in tests are quick). Raises `ConnectRefused`
+    (with `.reason_code`) when the broker refuses; the client is then already stopped.
+    """
+    v5 = protocol == mqtt.MQTTv5
+    client = ProbeClient(client_id, protocol=protocol, clean_session=None if v5 else clean_start)
+    if username is not None:
+        client.username_pw_set(username, password)
+    use_tls = broker.tls if tls is None else tls
+    if use_tls:
+        cafile = str(ca_file if ca_file is not None else broker.ca_file)
+        client.tls_set(ca_certs=cafile, cert_reqs=ssl.CERT_REQUIRED)
+    if will is not None:
+        client.will_set(will[0], will[1], qos=will[2], retain=will[3])
+    # paho sleeps float seconds here although the parameters are annotated int
+    client.reconnect_delay_set(min_delay=reconnect_delay, max_delay=2)  # type: ignore[arg-type]
+    try:
+        if v5:
+            client.connect(broker.host, broker.port, keepalive=keepalive, clean_start=clean_start)
+        else:
+            client.connect(broker.host, broker.port, keepalive=keepalive)
+        client.loop_start()
+        code = client.wait_connack(1, timeout)
+    except BaseException:
+        client.close()
+        raise
+    if code.is_failure:
+        client.close()
+        raise ConnectRefused(code)
+    return client
+
+
+class ClientFactory(Protocol):
+    """Type of the `mqtt_client` fixture: `mqtt_client(broker, client_id=None, **kwargs)`."""
+
+    def __call__(
+        self, broker: Mosquitto, client_id: str | None = None, **kwargs: Any
+    ) -> ProbeClient: ...
