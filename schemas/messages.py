@@ -34,6 +34,8 @@ PropletId = Annotated[
         description="1-63 letters, digits, '.', '_' or '-'",
     ),
 ]
+# Integers stay within what every JSON parser (and a board's 64-bit fields) reads exactly.
+MAX_INT = 2**53 - 1
 Timestamp = Annotated[float, Field(ge=0, description="seconds since the Unix epoch")]
 ShortText = Annotated[str, Field(max_length=4096)]
 
@@ -71,7 +73,7 @@ class Announce(Message):
     proplet: PropletId
     runtime: Runtime
     labels: dict[str, str] = Field(default_factory=dict)
-    max_tasks: int = Field(ge=1)
+    max_tasks: int = Field(ge=1, le=1024)
     heartbeat_s: float = Field(gt=0)
     version: str = Field(max_length=64)
     protocol: int = PROTOCOL_VERSION
@@ -81,11 +83,11 @@ class Heartbeat(Message):
     """Periodic liveness. QoS 0, not retained; observers judge liveness over several of them."""
 
     proplet: PropletId
-    seq: int = Field(ge=0)
+    seq: int = Field(ge=0, le=MAX_INT)
     ts: Timestamp
     interval_s: float = Field(gt=0)
     running: int = Field(ge=0)
-    observed_generation: int = Field(ge=0)
+    observed_generation: int = Field(ge=0, le=MAX_INT)
 
 
 class Presence(Message):
@@ -102,7 +104,7 @@ class DesiredTask(Message):
     spec_hash: str = Field(min_length=1, max_length=80)
     owner: str = Field(min_length=1, max_length=63)
     digest: Digest
-    size: int = Field(ge=0, description="module size in bytes")
+    size: int = Field(ge=0, le=2**32, description="module size in bytes")
     image: str | None = Field(
         default=None, max_length=512, description="OCI reference the digest came from"
     )
@@ -113,9 +115,13 @@ class DesiredTask(Message):
     env: dict[str, Annotated[str, Field(max_length=4096)]] = Field(default_factory=dict)
     stdin: str | None = Field(default=None, max_length=65536)
     daemon: bool = False
-    memory: int | None = Field(default=None, ge=65536, description="linear memory cap in bytes")
-    timeout_ms: int | None = Field(default=None, ge=1, description="wall-clock limit per run")
-    fuel: int | None = Field(default=None, ge=1, description="instruction fuel per run")
+    memory: int | None = Field(
+        default=None, ge=65536, le=2**32, description="linear memory cap in bytes"
+    )
+    timeout_ms: int | None = Field(
+        default=None, ge=1, le=MAX_INT, description="wall-clock limit per run"
+    )
+    fuel: int | None = Field(default=None, ge=1, le=MAX_INT, description="instruction fuel per run")
 
 
 class DesiredSet(Message):
@@ -124,7 +130,7 @@ class DesiredSet(Message):
     A set whose generation is lower than the one the proplet already applied is ignored.
     """
 
-    generation: int = Field(ge=1)
+    generation: int = Field(ge=1, le=MAX_INT)
     issued_at: Timestamp | None = None
     issuer: str | None = Field(default=None, max_length=128)
     tasks: list[DesiredTask] = Field(default_factory=list, max_length=1024)
@@ -152,8 +158,8 @@ class ReportedState(Message):
     proplet: PropletId
     runtime: Runtime
     labels: dict[str, str] = Field(default_factory=dict)
-    max_tasks: int = Field(ge=1)
-    observed_generation: int = Field(ge=0)
+    max_tasks: int = Field(ge=1, le=1024)
+    observed_generation: int = Field(ge=0, le=MAX_INT)
     ts: Timestamp
     tasks: list[TaskStatus] = Field(default_factory=list)
     version: str = Field(default="", max_length=64)
@@ -187,7 +193,9 @@ class ArtifactRequest(Message):
     proplet: PropletId
     digest: Digest
     chunk_size: int = Field(ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)
-    chunks: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=65536)
+    chunks: list[Annotated[int, Field(ge=0, le=2**26)]] | None = Field(
+        default=None, max_length=65536
+    )
     image: str | None = Field(default=None, max_length=512)
 
 
@@ -195,9 +203,9 @@ class ArtifactOffer(Message):
     """The answer to a request, sent before its chunks: the size and chunking, or an error."""
 
     digest: Digest
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=2**32)
     chunk_size: int = Field(ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)
-    chunks: int = Field(ge=0)
+    chunks: int = Field(ge=0, le=2**26)
     error: str | None = Field(default=None, max_length=1024)
 
 

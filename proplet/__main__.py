@@ -1,0 +1,3 @@
+from proplet.cli import main
+
+main()

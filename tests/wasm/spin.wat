@@ -1,0 +1,5 @@
+;; spin() never returns: only an interruption ends it.
+(module
+  (func (export "spin")
+    (loop $forever (br $forever)))
+)
