@@ -121,8 +121,13 @@ def test_chunk_size_bounds(chunk_size: int) -> None:
 def test_result_state_is_terminal() -> None:
     with pytest.raises(ValueError, match="state"):
         TaskResult(
-            proplet="p", task="t", spec_hash="h", state=TaskState.RUNNING, runs=1,
-            started_at=1.0, finished_at=2.0,
+            proplet="p",
+            task="t",
+            spec_hash="h",
+            state=TaskState.RUNNING,
+            runs=1,
+            started_at=1.0,
+            finished_at=2.0,
         )
 
 
