@@ -1,0 +1,371 @@
+"""Manifest files of one revision -> ``DesiredState``, or every problem at once with file:line.
+
+YAML is read with ruamel's round-trip loader, which keeps the line and column of every key and
+list item. Each document is turned into plain Python data plus an index from path (the keys and
+indices leading to a node) to position, so a pydantic error ``loc`` maps straight back to the
+line a person has to fix. Nothing is returned unless every file is valid: a pass that publishes
+half a revision would be worse than one that publishes nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.reader import ReaderError
+from ruamel.yaml.scalarbool import ScalarBoolean
+
+from reconciler.desired import DesiredState, ResolvedTask
+from schemas.manifests import (
+    IMAGE_REFERENCE,
+    KindError,
+    Manifest,
+    Task,
+    check_repo_path,
+    fields_of,
+    model_for,
+)
+
+log = logging.getLogger(__name__)
+
+NodePath = tuple[Any, ...]
+Position = tuple[int, int]  # 1-based line and column
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Problem:
+    """One thing wrong with the manifests, where a person can find it (1-based line, column)."""
+
+    file: str
+    line: int
+    column: int
+    message: str
+    level: Literal["error", "warning"] = "error"
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}: {self.level}: {self.message}"
+
+
+class InvalidManifests(Exception):
+    """The revision cannot be applied; ``problems`` lists every reason, sorted by place."""
+
+    def __init__(self, problems: tuple[Problem, ...]) -> None:
+        self.problems = tuple(sorted(problems))
+        count = len(self.problems)
+        super().__init__(
+            f"{count} problem{'s' if count != 1 else ''} in manifests:\n"
+            + "\n".join(str(problem) for problem in self.problems)
+        )
+
+
+@dataclass(slots=True)
+class _Document:
+    """One YAML document as plain data, with the position of every key and item in it."""
+
+    file: str
+    data: Any
+    positions: dict[NodePath, Position] = field(default_factory=dict)
+
+    def position(self, path: NodePath) -> Position:
+        """Position of the deepest node ``path`` names that exists in the document."""
+        for end in range(len(path), -1, -1):
+            found = self.positions.get(tuple(path[:end]))
+            if found is not None:
+                return found
+        return (1, 1)
+
+    def problem(self, path: NodePath, message: str) -> Problem:
+        line, column = self.position(path)
+        return Problem(self.file, line, column, message)
+
+
+def load(
+    files: Mapping[str, bytes], read_module: Callable[[str], bytes | None], revision: str
+) -> DesiredState:
+    """Validate every manifest of ``revision`` and resolve module files to digests.
+
+    ``files`` maps repository paths of the manifest files to their content; ``read_module``
+    returns a repository file's content at the same revision, or ``None`` if it does not exist.
+    Raises ``InvalidManifests`` with every problem found in every file.
+    """
+    problems: list[Problem] = []
+    documents: list[tuple[_Document, Manifest | None]] = []
+    for file in sorted(files):
+        for document in _documents(file, files[file], problems):
+            documents.append((document, _validate(document, problems)))
+
+    # Names and module files are checked on invalid documents too, so one pass shows everything.
+    problems.extend(_duplicates([document for document, _ in documents]))
+    modules: dict[str, str] = {}
+    digests: dict[str, tuple[str, int] | None] = {}
+    tasks: list[ResolvedTask] = []
+    for document, manifest in documents:
+        found = _module_file(document, read_module, digests, problems, revision)
+        if isinstance(manifest, Task):
+            task = _resolve(document, manifest, found)
+            if task is not None:
+                tasks.append(task)
+                if task.digest is not None and manifest.spec.module.file is not None:
+                    modules.setdefault(task.digest, manifest.spec.module.file)
+
+    if any(problem.level == "error" for problem in problems):
+        raise InvalidManifests(tuple(problems))
+    tasks.sort(key=lambda task: task.manifest_name)
+    log.debug("revision %s: %d tasks from %d files", revision, len(tasks), len(files))
+    return DesiredState(revision=revision, tasks=tuple(tasks), modules=modules)
+
+
+def _documents(file: str, content: bytes, problems: list[Problem]) -> Iterator[_Document]:
+    """Every non-empty document of a file; YAML errors become problems, not exceptions."""
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = content[: exc.start].count(b"\n") + 1
+        problems.append(Problem(file, line, 1, f"not UTF-8 text: {exc.reason}"))
+        return
+    try:
+        # A syntax error ends the stream, but the documents before it are still checked.
+        for node in YAML(typ="rt").compose_all(text):
+            line, column = node.start_mark.line + 1, node.start_mark.column + 1
+            try:
+                # A fresh constructor per document: one that raised keeps half-built state.
+                data = YAML(typ="rt").constructor.construct_document(node)
+            except MarkedYAMLError as exc:
+                problems.append(_yaml_problem(file, text, exc))
+                continue
+            if data is None:
+                continue
+            if not isinstance(data, CommentedMap):
+                kind = "a list" if isinstance(data, CommentedSeq) else f"the scalar {data!r}"
+                problems.append(
+                    Problem(
+                        file,
+                        line,
+                        column,
+                        "a manifest must be a mapping with apiVersion, kind, metadata and spec;"
+                        f" this document is {kind}",
+                    )
+                )
+                continue
+            document = _Document(file, None)
+            document.data = _plain(data, (), (line, column), document.positions)
+            yield document
+    except YAMLError as exc:
+        problems.append(_yaml_problem(file, text, exc))
+
+
+def _yaml_problem(file: str, text: str, exc: YAMLError) -> Problem:
+    if isinstance(exc, ReaderError):
+        before = text[: exc.position]
+        first = str(exc).splitlines()[0]
+        line = before.count("\n") + 1
+        return Problem(file, line, len(before) - before.rfind("\n"), f"invalid YAML: {first}")
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    line, column = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if isinstance(exc, DuplicateKeyError):
+        return Problem(file, line, column, f"duplicate key: {problem}")
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    if context and context_mark is not None and context_mark.line != (line - 1):
+        problem = f"{problem} ({context} at line {context_mark.line + 1})"
+    elif context:
+        problem = f"{problem} ({context})"
+    return Problem(file, line, column, f"invalid YAML: {problem}")
+
+
+def _plain(node: Any, path: NodePath, where: Position, positions: dict[NodePath, Position]) -> Any:
+    """Copy a round-trip node into plain dicts, lists and scalars, indexing positions."""
+    positions[path] = where
+    if isinstance(node, CommentedMap):
+        result: dict[Any, Any] = {}
+        for key, value in node.items():
+            key_plain = _scalar(key)
+            try:
+                line, column = node.lc.key(key)
+                at = (line + 1, column + 1)
+            except (KeyError, TypeError):
+                at = where  # a key merged in with '<<' has no position of its own here
+            result[key_plain] = _plain(value, (*path, key_plain), at, positions)
+        return result
+    if isinstance(node, CommentedSeq):
+        items: list[Any] = []
+        for index, value in enumerate(node):
+            try:
+                line, column = node.lc.item(index)
+                at = (line + 1, column + 1)
+            except (KeyError, TypeError):
+                at = where
+            items.append(_plain(value, (*path, index), at, positions))
+        return items
+    return _scalar(node)
+
+
+def _scalar(value: Any) -> Any:
+    """ruamel's scalar subclasses (kept for round trips) as the plain types pydantic expects."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, ScalarBoolean):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    return value
+
+
+def _validate(document: _Document, problems: list[Problem]) -> Manifest | None:
+    try:
+        model = model_for(document.data)
+    except KindError as exc:
+        path = (exc.field,) if exc.field in document.data else ()
+        problems.append(document.problem(path, exc.message))
+        return None
+    try:
+        return model.model_validate(document.data)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            path, message = _explain(model, error)
+            problems.append(document.problem(path, message))
+        return None
+
+
+def _explain(model: type[Manifest], error: ErrorDetails) -> tuple[NodePath, str]:
+    """The path to point at and a message for one pydantic error."""
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    if kind == "missing":
+        parent = loc[:-1]
+        return parent, _at(parent, f"missing required field '{loc[-1]}'")
+    if kind == "extra_forbidden":
+        parent = loc[:-1]
+        allowed = fields_of(model, tuple(str(step) for step in parent))
+        hint = ""
+        if allowed:
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = (
+                f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(allowed)})"
+            )
+        return loc, _at(parent, f"unknown field '{loc[-1]}'{hint}")
+    message = error["msg"]
+    if kind == "value_error":
+        message = message.removeprefix("Value error, ")
+    else:
+        value = error.get("input")
+        if isinstance(value, str | int | float | bool) and len(repr(value)) <= 80:
+            message = f"{message}, got {value!r}"
+    return loc, _at(loc, message)
+
+
+def _at(path: NodePath, message: str) -> str:
+    where = ""
+    for step in path:
+        where += f"[{step}]" if isinstance(step, int) else (f".{step}" if where else str(step))
+    return f"{where}: {message}" if where else message
+
+
+def _dig(data: Any, *path: str) -> Any:
+    for step in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(step)
+    return data
+
+
+def _duplicates(documents: list[_Document]) -> list[Problem]:
+    """One problem at each place a (kind, name) is defined more than once, naming the others."""
+    places: dict[tuple[str, str], list[Problem]] = {}
+    for document in documents:
+        kind, name = _dig(document.data, "kind"), _dig(document.data, "metadata", "name")
+        if isinstance(kind, str) and isinstance(name, str):
+            places.setdefault((kind, name), []).append(document.problem(("metadata", "name"), ""))
+    problems = []
+    for (kind, name), found in places.items():
+        if len(found) < 2:
+            continue
+        for here in found:
+            others = ", ".join(f"{there.file}:{there.line}" for there in found if there is not here)
+            problems.append(
+                Problem(
+                    here.file,
+                    here.line,
+                    here.column,
+                    f"duplicate {kind} name '{name}' (also defined at {others})",
+                )
+            )
+    return problems
+
+
+def _module_file(
+    document: _Document,
+    read_module: Callable[[str], bytes | None],
+    digests: dict[str, tuple[str, int] | None],
+    problems: list[Problem],
+    revision: str,
+) -> tuple[str, int] | None:
+    """Digest and size of the task's module file; a missing file is a problem.
+
+    Each distinct path is read once, however many tasks name it.
+    """
+    if _dig(document.data, "kind") != Task.KIND:
+        return None
+    raw = _dig(document.data, "spec", "module", "file")
+    if not isinstance(raw, str):
+        return None
+    try:
+        path = check_repo_path(raw)
+    except ValueError:
+        return None  # already reported by validation
+    if path not in digests:
+        content = read_module(path)
+        digests[path] = (
+            None
+            if content is None
+            else ("sha256:" + hashlib.sha256(content).hexdigest(), len(content))
+        )
+    found = digests[path]
+    if found is None:
+        problems.append(
+            document.problem(
+                ("spec", "module", "file"),
+                f"spec.module.file: '{path}' does not exist at revision {revision}",
+            )
+        )
+    return found
+
+
+def _resolve(document: _Document, task: Task, found: tuple[str, int] | None) -> ResolvedTask | None:
+    module = task.spec.module
+    digest: str | None = None
+    size: int | None = None
+    if module.file is not None:
+        if found is None:
+            return None
+        digest, size = found
+    elif module.image is not None:
+        pinned = re.match(IMAGE_REFERENCE, module.image)
+        digest = pinned.group("digest") if pinned is not None else None
+    line, _column = document.position(())
+    return ResolvedTask(
+        manifest_name=task.metadata.name,
+        labels=dict(task.metadata.labels),
+        spec=task.spec,
+        digest=digest,
+        size=size,
+        image=module.image,
+        source_file=document.file,
+        line=line,
+    )
