@@ -1,0 +1,3 @@
+from propctl.cli import main
+
+main()

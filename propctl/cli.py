@@ -1,0 +1,388 @@
+"""``propctl``: parse options, call one ``reconciler`` function, render, map errors to exit codes.
+
+Imports of the reconciler happen inside commands so that ``propctl --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from schemas.connection import (
+    DEFAULT_BROKER,
+    ENV_BROKER,
+    ENV_CA_FILE,
+    ENV_CHANNEL,
+    ENV_DOMAIN,
+    ENV_PASSWORD,
+    ENV_USERNAME,
+    BrokerSettings,
+    ConnectionSettingsError,
+    broker_settings,
+)
+
+if TYPE_CHECKING:
+    from reconciler.converge import Outcome
+    from reconciler.plan import Action
+    from reconciler.source import Source
+
+EXIT_OK = 0
+EXIT_DIFFERENCES = 1  # diff found differences, or an apply action failed
+EXIT_FAILED = 1
+EXIT_INVALID = 2  # invalid input or usage
+EXIT_UNREACHABLE = 3  # the fleet (broker) could not be reached
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("propctl")
+
+
+class Failure(click.ClickException):
+    """An error with an exit code and an optional hint, printed as ``error: ...``."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+        if self.hint:
+            click.echo(f"hint: {self.hint}", err=True)
+
+
+class Invalid(Failure):
+    exit_code = EXIT_INVALID
+
+
+class Unreachable(Failure):
+    exit_code = EXIT_UNREACHABLE
+
+
+class Failed(Failure):
+    exit_code = EXIT_FAILED
+
+
+def _setup_logging(verbose: int) -> None:
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def handle_errors(func: F) -> F:
+    """The one place where library errors become messages and exit codes."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from reconciler.broker import FleetUnreachable
+        from reconciler.loader import InvalidManifests
+        from reconciler.source import SourceError
+
+        verbose = kwargs.get("verbose", 0)
+        _setup_logging(verbose)
+        try:
+            return func(*args, **kwargs)
+        except InvalidManifests as exc:
+            for problem in exc.problems:
+                click.echo(str(problem), err=True)
+            count = len(exc.problems)
+            raise Invalid(
+                f"{count} problem{'s' if count != 1 else ''} in manifests; nothing was applied"
+            ) from None
+        except SourceError as exc:
+            raise Invalid(str(exc), "check --repo, --ref and --path") from None
+        except FleetUnreachable as exc:
+            raise Unreachable(
+                str(exc), f"check --broker or {ENV_BROKER} and the credentials"
+            ) from None
+        except ConnectionSettingsError as exc:
+            raise Invalid(str(exc)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if verbose:
+                raise
+            raise Failed(f"{type(exc).__name__}: {exc}", "run with -v for the traceback") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def fleet_options(func: F) -> F:
+    options = [
+        click.option("--broker", envvar=ENV_BROKER, default=DEFAULT_BROKER, show_default=True,
+                     help=f"mqtt://host:port or mqtts://host:port [env {ENV_BROKER}]"),
+        click.option("--domain", envvar=ENV_DOMAIN, default="default", show_default=True,
+                     help=f"[env {ENV_DOMAIN}]"),
+        click.option("--channel", envvar=ENV_CHANNEL, default="default", show_default=True,
+                     help=f"[env {ENV_CHANNEL}]"),
+        click.option("--username", envvar=ENV_USERNAME, default=None, help=f"[env {ENV_USERNAME}]"),
+        click.option("--password", envvar=ENV_PASSWORD, default=None, help=f"[env {ENV_PASSWORD}]"),
+        click.option("--ca-file", envvar=ENV_CA_FILE, default=None,
+                     help=f"CA bundle for mqtts:// [env {ENV_CA_FILE}]"),
+    ]  # fmt: skip
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def source_options(func: F) -> F:
+    options = [
+        click.option("-f", "--file", "file", type=click.Path(path_type=Path), default=None,
+                     help="A manifest file or directory (no Git)."),
+        click.option("--repo", default=None, help="Git URL of the desired state (file:// works)."),
+        click.option("--ref", default=None, help="Branch, tag or commit [default: HEAD]."),
+        click.option("--path", "repo_path", default=".", show_default=True,
+                     help="Directory of manifests inside the repository."),
+        click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                     help="Where clones and locks live [env PROPELLER_CACHE_DIR]."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+verbose_option = click.option("-v", "--verbose", count=True, help="More logging; tracebacks.")
+
+
+def output_option(*choices: str) -> Callable[[F], F]:
+    return click.option(
+        "-o", "--output", type=click.Choice(choices), default=choices[0], show_default=True
+    )
+
+
+def make_settings(kw: dict[str, Any]) -> BrokerSettings:
+    return broker_settings(
+        kw["broker"], domain=kw["domain"], channel=kw["channel"], username=kw["username"],
+        password=kw["password"], ca_file=kw["ca_file"],
+    )  # fmt: skip
+
+
+def make_source(kw: dict[str, Any]) -> Source:
+    from reconciler.source import GitSource, LocalSource
+
+    if (kw["file"] is None) == (kw["repo"] is None):
+        raise Invalid("give exactly one of -f PATH or --repo URL")
+    if kw["file"] is not None:
+        return LocalSource(kw["file"])
+    return GitSource(kw["repo"], kw["ref"], kw["repo_path"], kw["cache_dir"])
+
+
+def progress_printer(quiet: bool) -> Callable[[str], None]:
+    def emit(line: str) -> None:
+        if not quiet:
+            click.echo(f"... {line}", err=True)
+
+    return emit
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="propeller", prog_name="propctl")
+def main() -> None:
+    """Converge a fleet of WebAssembly runtimes to the desired state kept in Git."""
+
+
+@main.command()
+@source_options
+@output_option("text", "json")
+@verbose_option
+@handle_errors
+def validate(output: str, verbose: int, **kw: Any) -> None:
+    """Check manifests: every problem at once, each with file:line (exit 0 or 2)."""
+    from reconciler.loader import InvalidManifests
+    from reconciler.reconcile import fetch_desired
+
+    try:
+        revision, desired = fetch_desired(make_source(kw))
+    except InvalidManifests as exc:
+        if output == "json":
+            problems = [dataclasses.asdict(p) for p in exc.problems]
+            click.echo(_json({"valid": False, "problems": problems}), nl=False)
+            sys.exit(EXIT_INVALID)
+        raise
+    if output == "json":
+        click.echo(_json({"valid": True, "revision": revision.id, "tasks": len(desired.tasks),
+                          "files": sorted(revision.files)}), nl=False)  # fmt: skip
+    else:
+        click.echo(
+            f"valid: {len(desired.tasks)} task(s) in {len(revision.files)} file(s)"
+            f" at {revision.short}"
+        )
+
+
+def _action_dict(action: Action) -> dict[str, Any]:
+    return {
+        "action": action.kind,
+        "task": action.task,
+        "proplet": action.proplet,
+        "reason": action.reason,
+        "old_hash": action.old_hash,
+        "new_hash": action.new_hash,
+    }
+
+
+def _json(value: Any) -> str:
+    from propctl.render import to_json
+
+    return to_json(value)
+
+
+@main.command("diff")
+@source_options
+@fleet_options
+@click.option("--prune", is_flag=True, help="Show removals of tasks deleted from Git.")
+@output_option("text", "json")
+@verbose_option
+@handle_errors
+def diff_command(prune: bool, output: str, verbose: int, **kw: Any) -> None:
+    """Show what apply would do (exit 0 in sync, 1 differences, 2 error)."""
+    from reconciler.reconcile import PassOptions, diff
+
+    options = PassOptions(prune=prune, cache_dir=kw["cache_dir"])
+    revision, plan = diff(make_source(kw), make_settings(kw), options)
+    changes = [a for a in plan.actions if a.kind != "unchanged"]
+    if output == "json":
+        click.echo(_json([_action_dict(a) for a in changes]), nl=False)
+    else:
+        for action in changes:
+            click.echo(_diff_line(action))
+        unchanged = len(plan.actions) - len(changes)
+        click.echo(f"{len(changes)} change(s), {unchanged} unchanged at {revision[:12]}", err=True)
+    sys.exit(EXIT_DIFFERENCES if changes else EXIT_OK)
+
+
+_SIGNS = {"create": "+", "update": "~", "delete": "-", "pending": "!", "orphan": "?"}
+
+
+def _diff_line(action: Action) -> str:
+    sign = _SIGNS.get(action.kind, " ")
+    where = f" on {action.proplet}" if action.proplet else ""
+    hashes = ""
+    if action.kind == "update":
+        hashes = f" ({action.old_hash} -> {action.new_hash})"
+    reason = f": {action.reason}" if action.reason and action.kind != "update" else ""
+    line = f"{sign} {action.kind:<7} {action.task}{where}{hashes}{reason}"
+    colour = {"+": "green", "-": "red", "~": "yellow", "!": "magenta"}.get(sign)
+    return click.style(line, fg=colour) if colour and sys.stdout.isatty() else line
+
+
+@main.command()
+@source_options
+@fleet_options
+@click.option(
+    "--prune", is_flag=True, help="Stop tasks removed from Git (only those propctl owns)."
+)
+@click.option("--dry-run", is_flag=True, help="Plan and print, send nothing.")
+@click.option("--wait", is_flag=True, help="Wait until every task is Running or Completed.")
+@click.option("--timeout", default="60s", show_default=True, help="How long to wait.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@output_option("text", "json")
+@verbose_option
+@handle_errors
+def apply(
+    prune: bool, dry_run: bool, wait: bool, timeout: str, quiet: bool, output: str, verbose: int,
+    **kw: Any,
+) -> None:  # fmt: skip
+    """Run one reconcile pass: publish the desired set of every proplet whose set changed."""
+    from reconciler.reconcile import PassOptions, reconcile
+    from schemas.quantities import parse_duration_ms
+
+    try:
+        seconds = parse_duration_ms(timeout) / 1000
+    except ValueError as exc:
+        raise Invalid(f"--timeout: {exc}") from None
+    options = PassOptions(
+        prune=prune, dry_run=dry_run, wait=wait, timeout=seconds, cache_dir=kw["cache_dir"]
+    )
+    result = reconcile(make_source(kw), make_settings(kw), options, progress_printer(quiet))
+    if output == "json":
+        click.echo(_json({
+            "revision": result.revision,
+            "dry_run": dry_run,
+            "actions": [_outcome_dict(o) for o in result.outcomes],
+            "in_sync": result.in_sync,
+            "timings": {k: round(v, 4) for k, v in result.timings.items()},
+        }), nl=False)  # fmt: skip
+    else:
+        from propctl.render import table
+
+        rows = [
+            (o.action.kind, o.action.task, o.action.proplet, o.outcome, o.detail)
+            for o in result.outcomes
+        ]
+        click.echo(table(["action", "task", "proplet", "outcome", "detail"], rows), nl=False)
+        state = "in sync" if result.in_sync else "not in sync"
+        click.echo(f"revision {result.revision[:12]}: {state}", err=True)
+    sys.exit(EXIT_DIFFERENCES if result.failed else EXIT_OK)
+
+
+def _outcome_dict(outcome: Outcome) -> dict[str, Any]:
+    return {**_action_dict(outcome.action), "outcome": outcome.outcome, "detail": outcome.detail}
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["proplets", "tasks"]))
+@fleet_options
+@output_option("table", "json", "yaml")
+@verbose_option
+@handle_errors
+def get(kind: str, output: str, verbose: int, **kw: Any) -> None:
+    """Show live proplets or tasks, read from the broker."""
+    from propctl.render import table, to_yaml
+    from reconciler.inventory import proplet_rows, task_rows
+    from reconciler.reconcile import connected
+
+    with connected(make_settings(kw), results=kind == "tasks") as (_broker, view):
+        rows: list[Any] = view.read(task_rows if kind == "tasks" else proplet_rows)
+    records = [dataclasses.asdict(r) for r in rows]
+    if output == "json":
+        click.echo(_json(records), nl=False)
+    elif output == "yaml":
+        click.echo(to_yaml(records), nl=False)
+    elif kind == "tasks":
+        columns = ["name", "proplet", "state", "result", "error", "restarts", "spec_hash"]
+        click.echo(table(columns, [[r[c] for c in columns] for r in records]), nl=False)
+    else:
+        columns = ["id", "alive", "runtime", "labels", "tasks", "max_tasks"]
+        click.echo(table(columns, [[r[c] for c in columns] for r in records]), nl=False)
+
+
+@main.command()
+@click.argument("task")
+@click.option("--proplet", default=None, help="Only the run on this proplet.")
+@fleet_options
+@output_option("text", "json")
+@verbose_option
+@handle_errors
+def logs(task: str, proplet: str | None, output: str, verbose: int, **kw: Any) -> None:
+    """Print a task's last result, stdout and stderr."""
+    from reconciler.inventory import task_results
+    from reconciler.reconcile import connected
+
+    with connected(make_settings(kw), results=True) as (_broker, view):
+        results = view.read(lambda d: task_results(d, task))
+    if proplet is not None:
+        results = [r for r in results if r.proplet == proplet]
+    if not results:
+        raise Failed(f"no result for task {task!r}",
+                      "it may not have run yet: see propctl get tasks")  # fmt: skip
+    if output == "json":
+        click.echo(_json([r.model_dump(mode="json") for r in results]), nl=False)
+        return
+    for r in results:
+        outcome = ",".join(r.result) if r.result is not None else f"exit code {r.exit_code}"
+        click.echo(f"== {r.task} on {r.proplet}: {r.state.value} (run {r.runs}) {outcome}")
+        if r.error:
+            click.echo(f"error: {r.error}")
+        if r.stdout:
+            click.echo(r.stdout, nl=not r.stdout.endswith("\n"))
+        if r.stderr:
+            click.echo(r.stderr, nl=not r.stderr.endswith("\n"), err=True)
+        if r.truncated:
+            click.echo("(output truncated)")

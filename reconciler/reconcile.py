@@ -1,0 +1,176 @@
+"""One reconcile pass, end to end: fetch, load, observe, plan, converge.
+
+Every entry point (``propctl apply``, ``diff``, the serve loop) runs these same stages; each
+stage returns a typed value and reports progress between stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reconciler.artifacts import ArtifactServer
+from reconciler.broker import Broker
+from reconciler.converge import FAILED_OUTCOMES, Outcome, converge
+from reconciler.desired import DesiredState
+from reconciler.loader import load
+from reconciler.lock import fleet_lock, lock_path
+from reconciler.observe import FleetView
+from reconciler.plan import DEFAULT_OWNER, Plan, plan
+from reconciler.source import Revision, Source, default_cache_dir
+from schemas.connection import BrokerSettings
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_line: str) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class PassOptions:
+    prune: bool = False
+    dry_run: bool = False
+    wait: bool = False
+    timeout: float = 60.0
+    owner: str = DEFAULT_OWNER
+    cache_dir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PassResult:
+    revision: str
+    plan: Plan
+    outcomes: tuple[Outcome, ...]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return any(o.outcome in FAILED_OUTCOMES for o in self.outcomes) or any(
+            o.outcome == "pending" and o.action.kind == "pending" for o in self.outcomes
+        )
+
+    @property
+    def in_sync(self) -> bool:
+        settled = {"applied", "running", "completed", "unchanged"}
+        return all(o.outcome in settled for o in self.outcomes)
+
+
+def fetch_desired(source: Source, progress: Progress = _quiet) -> tuple[Revision, DesiredState]:
+    """Fetch and validate; raises ``SourceError`` or ``InvalidManifests``."""
+    revision = source.fetch()
+    progress(f"fetched {revision.origin} at {revision.short} ({len(revision.files)} files)")
+    desired = load(revision.files, revision.read, revision.id)
+    progress(f"loaded {len(desired.tasks)} task(s)")
+    return revision, desired
+
+
+@contextmanager
+def connected(
+    settings: BrokerSettings, *, results: bool = False
+) -> Iterator[tuple[Broker, FleetView]]:
+    """A broker connection with a fleet view that holds the full snapshot."""
+    broker = Broker(settings)
+    broker.connect()
+    try:
+        view = FleetView(settings.namespace)
+        view.attach(broker, results=results)
+        yield broker, view
+    finally:
+        broker.close()
+
+
+def fleet_key(settings: BrokerSettings) -> str:
+    return f"{settings.url}/{settings.namespace.root}"
+
+
+def issuer() -> str:
+    return f"propctl@{socket.gethostname()}:{os.getpid()}"
+
+
+def reconcile(
+    source: Source,
+    settings: BrokerSettings,
+    options: PassOptions,
+    progress: Progress = _quiet,
+) -> PassResult:
+    """One pass. Invalid input stops it before anything is sent."""
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    revision, desired = fetch_desired(source, progress)
+    timings["fetch_load"] = time.perf_counter() - started
+    cache_dir = options.cache_dir or default_cache_dir()
+    with fleet_lock(lock_path(cache_dir, fleet_key(settings)), on_wait=progress):
+        return _pass(revision, desired, settings, options, progress, timings)
+
+
+def _pass(
+    revision: Revision,
+    desired: DesiredState,
+    settings: BrokerSettings,
+    options: PassOptions,
+    progress: Progress,
+    timings: dict[str, float],
+) -> PassResult:
+    mark = time.perf_counter()
+    with connected(settings) as (broker, view):
+        observed = view.observed()
+        timings["observe"] = time.perf_counter() - mark
+        alive = sum(1 for p in observed.proplets.values() if p.alive)
+        progress(f"observed {len(observed.proplets)} proplet(s), {alive} alive")
+        mark = time.perf_counter()
+        the_plan = plan(desired, observed, prune=options.prune, owner=options.owner)
+        timings["plan"] = time.perf_counter() - mark
+        changes = [a for a in the_plan.actions if a.kind not in ("unchanged", "orphan")]
+        progress(f"planned {len(changes)} change(s) on {len(the_plan.sets)} proplet(s)")
+        mark = time.perf_counter()
+        server: ArtifactServer | None = None
+        if not options.dry_run:
+            server = ArtifactServer(broker, settings.namespace, _module_reader(revision, desired))
+            server.start()
+        try:
+            outcomes = converge(
+                broker,
+                view,
+                the_plan,
+                issuer=issuer(),
+                wait=options.wait,
+                timeout=options.timeout,
+                progress=progress,
+                dry_run=options.dry_run,
+            )
+        finally:
+            if server is not None:
+                server.stop()
+        timings["converge"] = time.perf_counter() - mark
+    return PassResult(revision.id, the_plan, outcomes, timings)
+
+
+def _module_reader(revision: Revision, desired: DesiredState) -> Callable[[str], bytes | None]:
+    cache: dict[str, bytes | None] = {}
+
+    def lookup(digest: str) -> bytes | None:
+        if digest not in cache:
+            path = desired.modules.get(digest)
+            cache[digest] = revision.read(path) if path is not None else None
+        return cache[digest]
+
+    return lookup
+
+
+def diff(
+    source: Source, settings: BrokerSettings, options: PassOptions, progress: Progress = _quiet
+) -> tuple[str, Plan]:
+    """What a pass would do, without the lock and without sending anything."""
+    revision, desired = fetch_desired(source, progress)
+    with connected(settings) as (_broker, view):
+        observed = view.observed()
+    return revision.id, plan(desired, observed, prune=options.prune, owner=options.owner)
