@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,8 @@ DAEMON_BACKOFF_INITIAL = 1.0
 DAEMON_BACKOFF_MAX = 30.0
 # A daemon that ran this long before exiting is restarted without accumulated backoff.
 DAEMON_HEALTHY_RUN = 10.0
+# Reported-state changes within this window go out as one message, after a short task's result.
+STATE_DEBOUNCE = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +144,8 @@ class Agent:
         self._heartbeat_seq = 0
         self._next_heartbeat = 0.0
         self._dirty = False
+        self._state_due: float | None = None
+        self._workers = ThreadPoolExecutor(config.max_tasks, thread_name_prefix="task")
         self.started = threading.Event()
         pid = config.proplet_id
         offline = Presence(proplet=pid, online=False).encode()
@@ -190,9 +195,13 @@ class Agent:
                 retain=True,
             )
         self.session.stop()
+        self._workers.shutdown(wait=False, cancel_futures=True)
+        self.journal.flush()
 
     def _next_event(self) -> tuple[object, ...] | None:
         deadlines = [self._next_heartbeat]
+        if self._state_due is not None:
+            deadlines.append(self._state_due)
         transfer_deadline = self.transfers.next_deadline()
         if transfer_deadline is not None:
             deadlines.append(transfer_deadline)
@@ -232,7 +241,10 @@ class Agent:
             self._heartbeat()
             self._next_heartbeat = now + self.config.heartbeat_s
         if self._dirty:
-            self._publish_state()
+            if self._state_due is None:
+                self._state_due = now + STATE_DEBOUNCE
+            elif now >= self._state_due:
+                self._publish_state()
 
     # Messages.
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -402,17 +414,17 @@ class Agent:
         memory.finished_at = None
         self.journal.save(self.memory)
         self._dirty = True
-        spec = task.spec
-        threading.Thread(
-            target=self._work, args=(spec, run), name=f"task-{spec.name}", daemon=True
-        ).start()
+        self._workers.submit(self._work, task.spec, run)
 
     def _work(self, spec: DesiredTask, run: Run) -> None:
         try:
-            wasm = self.store.read(spec.digest)
-            if wasm is None:
-                raise ModuleError(f"artifact {spec.digest} vanished from the cache")
-            prepared = self.runtime.prepare(spec.digest, wasm, metered=spec.fuel is not None)
+            metered = spec.fuel is not None
+            prepared = self.runtime.cached(spec.digest, metered=metered)
+            if prepared is None:
+                wasm = self.store.read(spec.digest)
+                if wasm is None:
+                    raise ModuleError(f"artifact {spec.digest} vanished from the cache")
+                prepared = self.runtime.prepare(spec.digest, wasm, metered=metered)
             guest = self.config.guest_data_dir
             execution = self.runtime.execution(
                 prepared,
@@ -581,6 +593,7 @@ class Agent:
 
     def _publish_state(self) -> None:
         self._dirty = False
+        self._state_due = None
         if self.session.connected:
             self.session.publish(
                 self.ns.state(self.config.proplet_id), self.reported_state().encode(), retain=True

@@ -27,6 +27,7 @@ import struct
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -44,6 +45,7 @@ WASI_MODULE = "wasi_snapshot_preview1"
 DATA_GUEST_PATH = "/data"
 MAX_WASM_STACK = 512 * 1024
 TICK_SECONDS = 0.005
+PREPARED_IN_MEMORY = 64  # prepared modules kept in memory, least recently used dropped first
 WASM_PAGE = 65536
 
 try:
@@ -162,6 +164,8 @@ class Runtime:
         self._ticker: threading.Thread | None = None
         self._closed = False
         self.compilations = 0  # modules compiled (not loaded from cache) by this Runtime
+        # Prepared modules kept in memory: a repeated run skips reading, deserializing, linking.
+        self._prepared: OrderedDict[tuple[str, bool], Prepared] = OrderedDict()
 
     def cache_path(self, digest: str, metered: bool) -> Path:
         flavour = "metered" if metered else "plain"
@@ -175,6 +179,15 @@ class Runtime:
 
     def is_prepared(self, digest: str, metered: bool) -> bool:
         return self.cache_path(digest, metered).is_file()
+
+    def cached(self, digest: str, *, metered: bool) -> Prepared | None:
+        """The prepared module if it is in memory (no IO)."""
+        key = (digest, metered)
+        with self._lock:
+            prepared = self._prepared.get(key)
+            if prepared is not None:
+                self._prepared.move_to_end(key)
+            return prepared
 
     def prepare(self, digest: str, wasm: bytes, *, metered: bool) -> Prepared:
         """Load the precompiled module from the cache, or validate, compile and cache it.
@@ -193,7 +206,12 @@ class Runtime:
         if module is None:
             module = self._compile(engine, digest, wasm)
             _write_atomically(path, bytes(module.serialize()))
-        return self._link(digest, metered, module)
+        prepared = self._link(digest, metered, module)
+        with self._lock:
+            self._prepared[(digest, metered)] = prepared
+            while len(self._prepared) > PREPARED_IN_MEMORY:
+                self._prepared.popitem(last=False)
+        return prepared
 
     def execution(self, prepared: Prepared, invocation: Invocation, limits: Limits) -> Execution:
         if limits.fuel is not None and not prepared.metered:

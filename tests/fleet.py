@@ -116,7 +116,12 @@ class Fleet:
             self.modules[mod.digest] = mod.data
 
     def start_proplet(
-        self, proplet_id: str, *args: str, env: dict[str, str] | None = None, wait: bool = True
+        self,
+        proplet_id: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        verbose: bool = True,
     ) -> Proplet:
         data_dir = self.tmp / proplet_id
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -124,8 +129,10 @@ class Fleet:
         command = [
             sys.executable, "-m", "proplet", "--id", proplet_id, "--data-dir", str(data_dir),
             "--broker", self.settings.url, "--domain", self.ns.domain,
-            "--channel", self.ns.channel, "--heartbeat", "0.5s", "-v", *args,
+            "--channel", self.ns.channel, "--heartbeat", "0.5s", *args,
         ]  # fmt: skip
+        if verbose:
+            command.append("-v")
         environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
         with log_path.open("ab") as log:
             process = subprocess.Popen(
