@@ -153,9 +153,7 @@ def converge(
             progress(line)
             reported_progress = line
     data_outcomes = view.read(
-        lambda d: tuple(
-            _outcome(d, action, plan, sent, failed, alive, wait) for action in plan.actions
-        )
+        lambda d: tuple(_outcome(d, action, sent, failed, alive, wait) for action in plan.actions)
     )
     return data_outcomes
 
@@ -182,7 +180,6 @@ def _dry(action: Action) -> Outcome:
 def _outcome(
     data: FleetData,
     action: Action,
-    plan: Plan,
     sent: Mapping[str, DesiredSet],
     failed: Mapping[str, str],
     alive: set[str],
