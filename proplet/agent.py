@@ -82,8 +82,10 @@ class AgentConfig:
 class Run:
     """One execution attempt, shared between the agent thread and its worker thread."""
 
-    def __init__(self, run_id: int) -> None:
+    def __init__(self, run_id: int, number: int, started_at: float) -> None:
         self.id = run_id
+        self.number = number  # this spec's run count, including this one
+        self.started_at = started_at
         self._lock = threading.Lock()
         self._execution: Execution | None = None
         self._stop_requested = False
@@ -225,10 +227,10 @@ class Agent:
             assert isinstance(topic, str) and isinstance(payload, bytes)
             self._on_message(topic, payload)
         elif kind == "finished":
-            name, run_id, outcome = event[1], event[2], event[3]
+            name, run_id, outcome, result = event[1], event[2], event[3], event[4]
             assert isinstance(name, str) and isinstance(run_id, int)
-            assert isinstance(outcome, Outcome)
-            self._on_finished(name, run_id, outcome)
+            assert isinstance(outcome, Outcome) and isinstance(result, TaskResult)
+            self._on_finished(name, run_id, outcome, result)
         elif kind == "connected":
             self._on_connected()
 
@@ -402,16 +404,16 @@ class Agent:
 
     def _start(self, task: Task) -> None:
         self._run_ids += 1
-        run = Run(self._run_ids)
-        task.run = run
-        task.restart_at = None
-        task.state = TaskState.RUNNING
-        task.reason = None
         memory = task.memory
         memory.runs += 1
         memory.in_progress = True
         memory.started_at = self.clock()
         memory.finished_at = None
+        run = Run(self._run_ids, memory.runs, memory.started_at)
+        task.run = run
+        task.restart_at = None
+        task.state = TaskState.RUNNING
+        task.reason = None
         self.journal.save(self.memory)
         self._dirty = True
         self._workers.submit(self._work, task.spec, run)
@@ -453,28 +455,16 @@ class Agent:
         except Exception as exc:
             log.exception("task %s: unexpected failure", spec.name)
             outcome = Outcome(status="failed", error=f"internal error: {exc}")
-        self._events.put(("finished", spec.name, run.id, outcome))
-
-    def _on_finished(self, name: str, run_id: int, outcome: Outcome) -> None:
-        task = self.tasks.get(name)
-        if task is None or task.run is None or task.run.id != run_id:
-            return
-        task.run = None
-        memory = task.memory
-        memory.in_progress = False
-        memory.finished_at = self.clock()
-        memory.exit_code = outcome.exit_code
-        memory.result = _summary(outcome)
-        memory.reason = outcome.error
-        state = _TERMINAL[outcome.status]
+        # Published from here, not from the agent thread: a short task's result goes out
+        # without waiting for a thread hop. The agent learns of it through the queue.
         result = TaskResult(
             proplet=self.config.proplet_id,
-            task=name,
-            spec_hash=task.spec.spec_hash,
-            state=state,
-            runs=max(1, memory.runs),
-            started_at=memory.started_at or memory.finished_at,
-            finished_at=memory.finished_at,
+            task=spec.name,
+            spec_hash=spec.spec_hash,
+            state=_TERMINAL[outcome.status],
+            runs=max(1, run.number),
+            started_at=run.started_at,
+            finished_at=max(run.started_at, self.clock()),
             exit_code=outcome.exit_code,
             result=list(outcome.result) if outcome.result is not None else None,
             stdout=outcome.stdout,
@@ -482,6 +472,22 @@ class Agent:
             truncated=outcome.truncated,
             error=outcome.error[:4096] if outcome.error else None,
         )
+        self.session.publish(self.ns.result(self.config.proplet_id, spec.name), result.encode(),
+                             retain=True)  # fmt: skip
+        self._events.put(("finished", spec.name, run.id, outcome, result))
+
+    def _on_finished(self, name: str, run_id: int, outcome: Outcome, result: TaskResult) -> None:
+        task = self.tasks.get(name)
+        if task is None or task.run is None or task.run.id != run_id:
+            return
+        task.run = None
+        memory = task.memory
+        memory.in_progress = False
+        memory.finished_at = result.finished_at
+        memory.exit_code = outcome.exit_code
+        memory.result = _summary(outcome)
+        memory.reason = outcome.error
+        state = result.state
         if task.removing:
             self._forget(task)
             self.journal.save(self.memory)
@@ -491,9 +497,6 @@ class Agent:
             self.journal.save(self.memory)
             return
         task.last_result = result
-        self.session.publish(
-            self.ns.result(self.config.proplet_id, name), result.encode(), retain=True
-        )
         task.state = state
         task.reason = outcome.error
         if task.spec.daemon:
