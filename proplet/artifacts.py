@@ -35,6 +35,20 @@ def digest_hex(digest: str) -> str:
     return match.group(1)
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either nothing or all of it, on disk."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class ArtifactStore:
     """Content-addressed files under `root/sha256/`."""
 
@@ -64,15 +78,6 @@ class ArtifactStore:
         if actual != digest:
             raise DigestMismatch(f"expected {digest}, got {actual} ({len(data)} bytes)")
         self._dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(target, data)
         log.debug("stored %s (%d bytes)", digest, len(data))
         return target

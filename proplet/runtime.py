@@ -22,9 +22,7 @@ import ctypes
 import itertools
 import logging
 import math
-import os
 import struct
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -37,7 +35,7 @@ from typing import Any, Literal
 import wasmtime
 from wasmtime import _ffi as ffi
 
-from proplet.artifacts import DigestMismatch, digest_hex, sha256_digest
+from proplet.artifacts import DigestMismatch, digest_hex, sha256_digest, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +203,8 @@ class Runtime:
                 log.warning("ignoring unusable precompiled %s: %s", path.name, _cause(e))
         if module is None:
             module = self._compile(engine, digest, wasm)
-            _write_atomically(path, bytes(module.serialize()))
+            # wasmtime trusts a precompiled file it loads: never leave a torn one behind.
+            write_atomically(path, bytes(module.serialize()))
         prepared = self._link(digest, metered, module)
         with self._lock:
             self._prepared[(digest, metered)] = prepared
@@ -342,20 +341,6 @@ def _engine(metered: bool) -> wasmtime.Engine:
     # Bounded so unbounded recursion fails fast, well inside a worker thread's native stack.
     config.max_wasm_stack = MAX_WASM_STACK
     return wasmtime.Engine(config)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            # wasmtime trusts a precompiled file it loads: never leave a torn one behind.
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- sleeping guests -------------------------------------------------------------------------

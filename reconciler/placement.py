@@ -267,12 +267,14 @@ def _place_pinned(fleet: _Fleet, demand: Demand, where: list[str]) -> str | None
     return None
 
 
-def _place_spread(fleet: _Fleet, demand: Demand, where: list[str]) -> str | None:
-    pool = fleet.pool(demand.need)
-    if not pool.alive:
-        if where:
-            return None  # held only by offline proplets; nothing alive to add
-        return _nothing_alive(pool, demand.need)
+def _fits(fleet: _Fleet, demand: Demand, proplet: str) -> bool:
+    return demand.task not in fleet.nodes[proplet].taken and not fleet.full(proplet)
+
+
+def _crowded_counts(
+    fleet: _Fleet, pool: _Pool, demand: Demand, where: list[str]
+) -> tuple[int, int]:
+    """Alive matching proplets not holding the task: how many are full, how many blocked."""
     holding = set(where)
     full = blocked = 0
     for proplet in pool.alive:
@@ -282,9 +284,20 @@ def _place_spread(fleet: _Fleet, demand: Demand, where: list[str]) -> str | None
             blocked += 1
         elif fleet.full(proplet):
             full += 1
-        else:
+    return full, blocked
+
+
+def _place_spread(fleet: _Fleet, demand: Demand, where: list[str]) -> str | None:
+    pool = fleet.pool(demand.need)
+    if not pool.alive:
+        if where:
+            return None  # held only by offline proplets; nothing alive to add
+        return _nothing_alive(pool, demand.need)
+    for proplet in pool.alive:
+        if proplet not in where and _fits(fleet, demand, proplet):
             fleet.loads[proplet] += 1
             where.append(proplet)
+    full, blocked = _crowded_counts(fleet, pool, demand, where)
     if not full and not blocked:
         return None
     on = len(pool.alive) - full - blocked
@@ -307,15 +320,7 @@ def _place_replicas(fleet: _Fleet, demand: Demand, where: list[str]) -> str | No
             # Every alive eligible proplet is full: no need to look at each of them again.
             full, blocked = len(pool.alive), 0
         else:
-            holding = set(where)
-            full = blocked = 0
-            for proplet in pool.alive:
-                if proplet in holding:
-                    continue
-                if demand.task in fleet.nodes[proplet].taken:
-                    blocked += 1
-                elif fleet.full(proplet):
-                    full += 1
+            full, blocked = _crowded_counts(fleet, pool, demand, where)
         if full or blocked:
             reason = _crowded(full, blocked)
         else:
