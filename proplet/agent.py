@@ -146,6 +146,7 @@ class Agent:
         self._heartbeat_seq = 0
         self._next_heartbeat = 0.0
         self._dirty = False
+        self._journal_dirty = False
         self._state_due: float | None = None
         self._workers = ThreadPoolExecutor(config.max_tasks, thread_name_prefix="task")
         self.started = threading.Event()
@@ -153,7 +154,8 @@ class Agent:
         offline = Presence(proplet=pid, online=False).encode()
         self.session = Session(
             settings,
-            client_id=f"proplet-{pid}",
+            # Unique per namespace: the same id in two channels must not take each other's session.
+            client_id=f"proplet-{self.ns.domain}-{self.ns.channel}-{pid}",
             subscriptions=[
                 (self.ns.desired(pid), 1),
                 (f"{self.ns.proplet_root(pid)}/artifacts/#", 1),
@@ -198,6 +200,7 @@ class Agent:
             )
         self.session.stop()
         self._workers.shutdown(wait=False, cancel_futures=True)
+        self._save_journal()
         self.journal.flush()
 
     def _next_event(self) -> tuple[object, ...] | None:
@@ -242,6 +245,7 @@ class Agent:
         if now >= self._next_heartbeat:
             self._heartbeat()
             self._next_heartbeat = now + self.config.heartbeat_s
+        self._save_journal()
         if self._dirty:
             if self._state_due is None:
                 self._state_due = now + STATE_DEBOUNCE
@@ -305,7 +309,7 @@ class Agent:
                 self.memory.tasks[name] = memory
                 self.tasks[name] = Task(spec=spec, memory=memory)
         self.memory.desired = desired
-        self.journal.save(self.memory)
+        self._journal_dirty = True
         self._dirty = True
         log.info("applied desired set generation %d (%d tasks)", desired.generation, len(wanted))
 
@@ -414,7 +418,7 @@ class Agent:
         task.restart_at = None
         task.state = TaskState.RUNNING
         task.reason = None
-        self.journal.save(self.memory)
+        self._journal_dirty = True
         self._dirty = True
         self._workers.submit(self._work, task.spec, run)
 
@@ -490,11 +494,11 @@ class Agent:
         state = result.state
         if task.removing:
             self._forget(task)
-            self.journal.save(self.memory)
+            self._journal_dirty = True
             return
         if task.replacement is not None:
             self._reset(task, task.replacement)
-            self.journal.save(self.memory)
+            self._journal_dirty = True
             return
         task.last_result = result
         task.state = state
@@ -510,7 +514,7 @@ class Agent:
             task.reason = f"{outcome.error or 'exited'}; restarting in {delay:.0f}s"
         else:
             memory.finished = state.value
-        self.journal.save(self.memory)
+        self._journal_dirty = True
         self._dirty = True
 
     # Restore and report.
@@ -535,7 +539,7 @@ class Agent:
             kept[spec.name] = memory
             self.tasks[spec.name] = task
         self.memory.tasks = kept
-        self.journal.save(self.memory)
+        self._journal_dirty = True
         log.info(
             "restored desired set generation %d (%d tasks)", desired.generation, len(self.tasks)
         )
@@ -593,6 +597,12 @@ class Agent:
                 if not t.removing
             ],
         )
+
+    def _save_journal(self) -> None:
+        """One snapshot per loop turn, however many tasks changed in it."""
+        if self._journal_dirty:
+            self._journal_dirty = False
+            self.journal.save(self.memory)
 
     def _publish_state(self) -> None:
         self._dirty = False

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -41,6 +41,9 @@ class TaskMemory:
     reason: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
+
+
+_TASK_FIELDS = tuple(f.name for f in fields(TaskMemory))
 
 
 @dataclass(slots=True)
@@ -84,7 +87,10 @@ class Journal:
             {
                 "version": JOURNAL_VERSION,
                 "desired": memory.desired.model_dump_json() if memory.desired else None,
-                "tasks": {name: asdict(t) for name, t in memory.tasks.items()},
+                "tasks": {
+                    name: {f: getattr(t, f) for f in _TASK_FIELDS}
+                    for name, t in memory.tasks.items()
+                },
             },
             separators=(",", ":"),
         )

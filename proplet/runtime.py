@@ -164,6 +164,8 @@ class Runtime:
         self.compilations = 0  # modules compiled (not loaded from cache) by this Runtime
         # Prepared modules kept in memory: a repeated run skips reading, deserializing, linking.
         self._prepared: OrderedDict[tuple[str, bool], Prepared] = OrderedDict()
+        self._preparing: dict[tuple[str, bool], threading.Lock] = {}
+        self._preparing_lock = threading.Lock()
 
     def cache_path(self, digest: str, metered: bool) -> Path:
         flavour = "metered" if metered else "plain"
@@ -193,6 +195,16 @@ class Runtime:
         Raises ModuleError when `wasm` cannot run here, DigestMismatch when it does not hash
         to `digest` (only checked when compiling: the cache is keyed by digest).
         """
+        with self._preparing_lock:
+            gate = self._preparing.setdefault((digest, metered), threading.Lock())
+        # Concurrent first runs of one module wait for a single compile instead of each compiling.
+        with gate:
+            cached = self.cached(digest, metered=metered)
+            if cached is not None:
+                return cached
+            return self._prepare(digest, wasm, metered)
+
+    def _prepare(self, digest: str, wasm: bytes, metered: bool) -> Prepared:
         engine = self._engines[metered]
         path = self.cache_path(digest, metered)
         module: wasmtime.Module | None = None

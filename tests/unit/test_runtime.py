@@ -481,3 +481,27 @@ def test_unusable_precompiled_file_is_replaced(tmp_path: Path) -> None:
     assert run(rt, prepared, "add", "1", "1", limits=Limits(fuel=100)).result == ("2",)
     assert Runtime(tmp_path).prepare(digest, wasm, metered=True).metered
     rt.close()
+
+
+def test_concurrent_first_runs_compile_once(tmp_path: Path) -> None:
+    wasm = (WASM / "hello.wasm").read_bytes()
+    digest = sha256_digest(wasm)
+    rt = Runtime(tmp_path / "cache")
+    try:
+        barrier = threading.Barrier(4)
+        prepared: list[object] = []
+
+        def first_run() -> None:
+            barrier.wait()
+            prepared.append(rt.prepare(digest, wasm, metered=False))
+
+        threads = [threading.Thread(target=first_run) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert rt.compilations == 1
+        assert len({id(p) for p in prepared}) == 1  # all share one prepared module
+        assert rt.cached(digest, metered=False) is prepared[0]
+    finally:
+        rt.close()
