@@ -47,7 +47,7 @@ def problems_of(files: dict[str, bytes]) -> list[tuple[str, int, str]]:
         (
             "bad indentation",
             b"apiVersion: propeller/v1\nkind: Task\n  metadata: x\n",
-            [(3, "invalid YAML: mapping values are not allowed here")],
+            [(3, "invalid YAML: mapping values are not allowed in this context")],
         ),
         (
             "duplicate key",
@@ -172,7 +172,7 @@ def test_every_problem_in_every_file_at_once() -> None:
         "a.yaml:16:3: error: spec.daemon: Input should be a valid boolean, got 'yes please'",
         "m/b.yaml:11:15: error: spec.placement.runtime: Input should be 'wasmtime', 'wamr' or"
         " 'any', got 'wasm'",
-        "z.yaml:2:1: error: invalid YAML: expected the node content, but found '<stream end>'"
+        "z.yaml:2:1: error: invalid YAML: did not find expected node content"
         " (while parsing a flow node)",
     ]
     assert str(raised.value).startswith("4 problems in manifests:\na.yaml:7:5: error:")
