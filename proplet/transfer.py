@@ -76,7 +76,8 @@ class Timing:
 
     stall: float = 1.0
     initial: float = 0.5
-    maximum: float = 30.0
+    # Capped low: a proplet that came back waits for whichever pass serves its module next.
+    maximum: float = 5.0
 
     def backoff(self, attempt: int) -> float:
         return float(min(self.maximum, self.initial * (2 ** max(0, attempt - 1))))

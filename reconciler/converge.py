@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +29,7 @@ OutcomeKind = Literal[
     "unchanged",
     "orphan",
     "dry-run",
+    "superseded",  # another pass published a newer set for this proplet meanwhile
 ]
 FAILED_OUTCOMES = frozenset({"failed", "timeout"})
 WAITING_FOR_ARTIFACT = "waiting for artifact"
@@ -84,6 +85,24 @@ def _status(data: FleetData, proplet: str, task: DesiredTask) -> TaskStatus | No
     return None
 
 
+def _superseded(data: FleetData, proplet: str, desired: DesiredSet) -> bool:
+    held = data.desired.get(proplet)
+    return held is not None and held.generation > desired.generation
+
+
+def _waiting_for(
+    data: FleetData, proplet: str, desired: DesiredSet, serving: Collection[str]
+) -> bool:
+    """Whether the proplet reports a task still waiting for a module this pass serves."""
+    for task in desired.tasks:
+        if task.digest not in serving:
+            continue
+        status = _status(data, proplet, task)
+        if status is not None and status.reason and status.reason.startswith(WAITING_FOR_ARTIFACT):
+            return True
+    return False
+
+
 def _caught_up(data: FleetData, proplet: str, desired: DesiredSet) -> bool:
     """The proplet applied the set and holds every module it needs."""
     reported = data.reported.get(proplet)
@@ -116,25 +135,47 @@ def converge(
     wait: bool,
     timeout: float,
     progress: Progress,
+    serving: Collection[str] = (),
     dry_run: bool = False,
 ) -> tuple[Outcome, ...]:
-    """Publish the plan and wait as far as asked; one outcome per action."""
+    """Publish the plan and wait as far as asked; one outcome per action.
+
+    Besides the proplets whose set changed, the pass waits for live proplets that still wait
+    for a module it serves (they came back after the pass that sent their set): a Git-stored
+    module reaches them only while some pass runs.
+    """
     if dry_run:
         return tuple(_dry(action) for action in plan.actions)
-    alive = view.read(lambda d: {p for p, online in d.presence.items() if online})
+    alive, held = view.read(
+        lambda d: ({p for p, online in d.presence.items() if online}, dict(d.desired))
+    )
     sent, failed = publish_sets(broker, view, plan, issuer=issuer, now=time.time())
     if sent:
         progress(f"published {len(sent)} desired set(s); waiting for live proplets")
     live_targets = {p: s for p, s in sent.items() if p in alive}
+
+    def stranded(data: FleetData) -> dict[str, DesiredSet]:
+        return {
+            p: s
+            for p, s in held.items()
+            if p in alive
+            and p not in sent
+            and p not in failed
+            and _waiting_for(data, p, s, serving)
+        }
+
+    live_targets.update(view.read(stranded))
     # Sets that did not change still count when waiting for tasks to settle.
     watched: dict[str, DesiredSet] = dict(live_targets)
     if wait:
-        for proplet, held in view.read(lambda d: dict(d.desired)).items():
+        for proplet, desired in held.items():
             if proplet in alive and proplet not in watched and proplet not in failed:
-                watched[proplet] = held
+                watched[proplet] = desired
 
     def done(data: FleetData) -> bool:
         for proplet, desired in watched.items():
+            if _superseded(data, proplet, desired):
+                continue
             if proplet in live_targets and not _caught_up(data, proplet, desired):
                 return False
             if wait and not all(
@@ -153,7 +194,9 @@ def converge(
             progress(line)
             reported_progress = line
     data_outcomes = view.read(
-        lambda d: tuple(_outcome(d, action, sent, failed, alive, wait) for action in plan.actions)
+        lambda d: tuple(
+            _outcome(d, action, live_targets, failed, alive, wait) for action in plan.actions
+        )
     )
     return data_outcomes
 
@@ -180,7 +223,7 @@ def _dry(action: Action) -> Outcome:
 def _outcome(
     data: FleetData,
     action: Action,
-    sent: Mapping[str, DesiredSet],
+    targets: Mapping[str, DesiredSet],
     failed: Mapping[str, str],
     alive: set[str],
     wait: bool,
@@ -195,7 +238,10 @@ def _outcome(
         if action.kind == "unchanged":
             return Outcome(action, "unchanged", "proplet offline")
         return Outcome(action, "pending", "proplet offline; it converges when it returns")
-    desired = sent.get(proplet)
+    desired = targets.get(proplet)
+    if desired is not None and _superseded(data, proplet, desired):
+        newer = data.desired[proplet].generation
+        return Outcome(action, "superseded", f"another pass published generation {newer}")
     if desired is not None and not _caught_up(data, proplet, desired):
         reported = data.reported.get(proplet)
         seen = reported.observed_generation if reported else 0

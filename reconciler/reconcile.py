@@ -145,6 +145,7 @@ def _pass(
                 wait=options.wait,
                 timeout=options.timeout,
                 progress=progress,
+                serving=desired.modules.keys(),
                 dry_run=options.dry_run,
             )
         finally:
