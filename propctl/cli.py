@@ -386,3 +386,19 @@ def logs(task: str, proplet: str | None, output: str, verbose: int, **kw: Any) -
             click.echo(r.stderr, nl=not r.stderr.endswith("\n"), err=True)
         if r.truncated:
             click.echo("(output truncated)")
+
+
+@main.command(short_help="Try it: a local fleet, applied, shown, stopped.")
+@click.option("--keep-running", is_flag=True, help="Keep the fleet up until Ctrl-C.")
+@verbose_option
+@handle_errors
+def quickstart(keep_running: bool, verbose: int) -> None:
+    """Run a whole fleet on this machine with nothing else installed, then stop it.
+
+    Starts an embedded MQTT broker on 127.0.0.1 and three proplets, commits examples/quickstart
+    to a new Git repository, applies it (like apply --wait), prints the tasks and their results,
+    and stops everything it started. Needs the extra: pip install 'propeller[quickstart]'.
+    """
+    from propctl.quickstart import run
+
+    sys.exit(run(keep_running=keep_running, verbose=verbose))
