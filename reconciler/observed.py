@@ -8,7 +8,7 @@ cleared): its runtime is then ``None`` and it receives no new tasks.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from schemas.messages import DesiredSet, ReportedState, Runtime
 
@@ -22,6 +22,8 @@ class ObservedProplet:
     alive: bool = False
     desired: DesiredSet | None = None
     reported: ReportedState | None = None
+    # Offline for longer than the serve loop's bound: its unpinned tasks move elsewhere.
+    lost: bool = False
 
     @classmethod
     def of(
@@ -77,14 +79,18 @@ class ObservedState:
         reported: Mapping[str, ReportedState],
         desired: Mapping[str, DesiredSet],
         alive: Collection[str],
+        lost: Collection[str] = (),
     ) -> ObservedState:
         """Join retained reported states and desired sets by proplet id."""
         return cls.of(
-            ObservedProplet.of(
-                proplet,
-                reported=reported.get(proplet),
-                desired=desired.get(proplet),
-                alive=proplet in alive,
+            replace(
+                ObservedProplet.of(
+                    proplet,
+                    reported=reported.get(proplet),
+                    desired=desired.get(proplet),
+                    alive=proplet in alive,
+                ),
+                lost=proplet in lost and proplet not in alive,
             )
             for proplet in set(reported) | set(desired)
         )

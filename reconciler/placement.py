@@ -83,6 +83,7 @@ class Node:
     alive: bool = True
     load: int = 0
     taken: frozenset[str] = frozenset()
+    lost: bool = False  # offline past the bound: unpinned replicas move off it
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,10 +129,12 @@ class _Fleet:
             self.pools[need] = pool
         return pool
 
-    def may_keep(self, proplet: str, need: Requirement) -> bool:
+    def may_keep(self, proplet: str, need: Requirement, spread: bool = False) -> bool:
         node = self.nodes.get(proplet)
         if node is None or (need.pin is not None and need.pin != proplet):
             return False
+        if node.lost and need.pin is None and not spread:
+            return False  # a replica on a lost proplet runs elsewhere; pinned ones wait for it
         # A proplet that never reported cannot be judged; leave its tasks where they are.
         return node.runtime is None or need.matches(node.runtime, node.labels)
 
@@ -177,7 +180,7 @@ def place(demands: Sequence[Demand], nodes: Sequence[Node]) -> Assignment:
     # Pass 1: keep what is still allowed.
     for demand in ordered:
         holders = sorted(set(demand.holders))
-        keep = [p for p in holders if fleet.may_keep(p, demand.need)]
+        keep = [p for p in holders if fleet.may_keep(p, demand.need, demand.spread)]
         for proplet in holders:
             if proplet not in keep:
                 removed[(demand.task, proplet)] = _why_not_kept(fleet, proplet, demand.need)
@@ -240,6 +243,9 @@ def place(demands: Sequence[Demand], nodes: Sequence[Node]) -> Assignment:
 def _why_not_kept(fleet: _Fleet, proplet: str, need: Requirement) -> str:
     if need.pin is not None and need.pin != proplet:
         return f"the task is now pinned to proplet {need.pin}"
+    node = fleet.nodes.get(proplet)
+    if node is not None and node.lost:
+        return f"proplet {proplet} is lost (offline past the bound); moved"
     return f"proplet {proplet} no longer matches {need.describe()}"
 
 

@@ -104,6 +104,7 @@ def _plan(desired: DesiredState, observed: ObservedState, *, prune: bool, owner:
             labels=entry.proplet.labels,
             capacity=entry.proplet.max_tasks,
             alive=entry.proplet.alive,
+            lost=entry.proplet.lost,
             load=len(entry.fixed),
             taken=frozenset(task.name for task in entry.fixed if task.owner != owner),
         )

@@ -559,3 +559,40 @@ def test_spec_hash_ignores_name_owner_and_env_order() -> None:
     assert len(one.spec_hash) == 16
     assert spec_hash(one) == one.spec_hash
     assert spec_hash(decode(DesiredTask, one.encode())) == one.spec_hash
+
+
+def test_tasks_move_off_a_lost_proplet_but_not_off_one_that_blinked() -> None:
+    tasks = desired(
+        task("web"),
+        task("pinned", placement={"proplet": "a"}),
+        task("everywhere", placement={"spread": "all"}),
+    )
+    holds_a = [held("web"), held("pinned", placement={"proplet": "a"}),
+               held("everywhere", placement={"spread": "all"})]  # fmt: skip
+    blinked = fleet(
+        proplet("a", alive=False, holds=holds_a),
+        proplet("b", holds=[held("everywhere", placement={"spread": "all"})]),
+    )
+    assert plan(tasks, blinked, prune=False).sets == {}  # offline, not lost: nothing moves
+
+    lost = fleet(dataclasses.replace(blinked.proplets["a"], lost=True), blinked.proplets["b"])
+    result = plan(tasks, lost, prune=False)
+    assert placements(result) == {
+        "everywhere": ("a", "b"),  # its own instance on every proplet: nothing to move
+        "pinned": ("a",),  # waits for its proplet (shown Unknown meanwhile)
+        "web": ("b",),
+    }
+    (moved,) = [a for a in result.actions if a.kind == "delete"]
+    assert (moved.task, moved.proplet) == ("web", "a")
+    assert moved.reason == "proplet a is lost (offline past the bound); moved"
+    # The lost proplet's retained set no longer holds the task: it stops it when it returns.
+    assert [t.name for t in result.sets["a"].tasks] == ["everywhere", "pinned"]
+    assert [t.name for t in result.sets["b"].tasks] == ["everywhere", "web"]
+
+    # Back again: it stays where it moved (no churn).
+    returned = applied(lost, result)
+    back = fleet(
+        dataclasses.replace(returned.proplets["a"], lost=False, alive=True),
+        returned.proplets["b"],
+    )
+    assert plan(tasks, back, prune=False).sets == {}
