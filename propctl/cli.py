@@ -402,3 +402,146 @@ def quickstart(keep_running: bool, verbose: int) -> None:
     from propctl.quickstart import run
 
     sys.exit(run(keep_running=keep_running, verbose=verbose))
+
+
+@main.command()
+@click.option("--repo", required=True, help="Git URL of the desired state (file:// works).")
+@click.option("--ref", default=None, help="Branch or tag to follow [default: HEAD].")
+@click.option("--path", "repo_path", default=".", show_default=True)
+@click.option("--interval", default="60s", show_default=True, help="Time between passes.")
+@click.option(
+    "--listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="HTTP listener for webhooks, /healthz, /readyz and /metrics.",
+)
+@click.option(
+    "--webhook-secret-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Secret for webhook signatures (required for webhooks).",
+)
+@click.option("--prune", is_flag=True, help="Stop tasks removed from Git (only propctl's own).")
+@click.option(
+    "--lost-after",
+    default="15s",
+    show_default=True,
+    help="Offline this long, a proplet's unpinned tasks move elsewhere.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Where serve keeps its state [default: CACHE_DIR/serve].",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where clones and locks live [env PROPELLER_CACHE_DIR].",
+)
+@fleet_options
+@verbose_option
+@handle_errors
+def serve(
+    repo: str, ref: str | None, repo_path: str, interval: str, listen: str | None,
+    webhook_secret_file: Path | None, prune: bool, lost_after: str, state_dir: Path | None,
+    cache_dir: Path | None, verbose: int, **kw: Any,
+) -> None:  # fmt: skip
+    """Reconcile continuously: on a timer, on push webhooks, and when proplets are lost."""
+    import signal
+
+    from reconciler.serve import ServeOptions, Server
+    from reconciler.source import GitSource, default_cache_dir
+    from schemas.quantities import parse_duration_ms
+
+    if verbose == 0:
+        logging.getLogger().setLevel(logging.INFO)
+    try:
+        every = parse_duration_ms(interval) / 1000
+        lost = parse_duration_ms(lost_after) / 1000
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+    secret = webhook_secret_file.read_bytes().strip() if webhook_secret_file else None
+    if secret is not None and not secret:
+        raise Invalid(f"{webhook_secret_file} is empty")
+    address = _listen_address(listen) if listen else None
+    cache = cache_dir or default_cache_dir()
+    options = ServeOptions(
+        interval=every, prune=prune, lost_after=lost, state_dir=state_dir or cache / "serve",
+        cache_dir=cache,
+    )  # fmt: skip
+    server = Server(GitSource(repo, ref, repo_path, cache), make_settings(kw), options)
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        log.info("stopping after the pass in flight")
+        server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    listener = None
+    if address is not None:
+        from reconciler.webhook import HttpListener
+
+        listener = HttpListener(
+            address[0], address[1], secret=secret, on_push=server.on_push,
+            health=lambda: not server.stopping, ready=server.ready.is_set,
+            metrics=server.metrics.render,
+            on_webhook=lambda provider, result: server.metrics.webhooks.inc(
+                provider=provider, result=result),
+        )  # fmt: skip
+        listener.start()
+        log.info("listening on %s", listener.url)
+    try:
+        server.run()
+    finally:
+        if listener is not None:
+            listener.stop()
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise Invalid(f"--listen {text!r}: use HOST:PORT, e.g. 127.0.0.1:8080")
+    return host.strip("[]"), int(port)
+
+
+@main.command()
+@fleet_options
+@output_option("text", "json")
+@verbose_option
+@handle_errors
+def status(output: str, verbose: int, **kw: Any) -> None:
+    """Show where propctl serve stands: revisions, sync, last error, tasks by state."""
+    from reconciler.broker import Broker
+    from reconciler.serve import read_status
+
+    with Broker(make_settings(kw)) as broker:
+        found = read_status(broker)
+    if found is None:
+        raise Failed("no status on the broker: is propctl serve running for this fleet?")
+    if output == "json":
+        click.echo(_json(found.model_dump(mode="json")), nl=False)
+        return
+    tasks = ", ".join(f"{n} {s}" for s, n in sorted(found.tasks.items())) or "none"
+    lines = [
+        f"reconciler:      {found.reconciler}",
+        f"source:          {found.source}",
+        f"in sync:         {'yes' if found.in_sync else 'no'}",
+        f"last applied:    {found.last_applied_revision or '-'}",
+        f"last attempted:  {found.last_attempted_revision or '-'}",
+        f"last error:      {found.last_error or '-'}",
+        f"last pass:       {_when(found.last_pass_at)} ({found.last_pass_seconds or 0:.2f} s);"
+        f" {found.passes} passes",
+        f"proplets:        {found.proplets_alive} alive of {found.proplets}",
+        f"tasks:           {tasks}",
+    ]
+    click.echo("\n".join(lines))
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ts, tz=datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -33,8 +33,14 @@ class FleetUnreachable(Exception):
 class Broker:
     """A connected paho client with topic-filter handlers."""
 
-    def __init__(self, settings: BrokerSettings, client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        client_id: str | None = None,
+        on_reconnect: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
+        self._on_reconnect = on_reconnect
         self.client_id = client_id or f"propctl-{uuid.uuid4().hex[:12]}"
         self._handlers: list[tuple[str, Handler, int]] = []
         self._lock = threading.Lock()
@@ -108,6 +114,8 @@ class Broker:
         elif self._connack.is_set():
             # A reconnect after the broker went away: the session is clean, subscribe again.
             log.info("reconnected to %s", self.settings.url)
+            if self._on_reconnect is not None:
+                self._on_reconnect()  # before subscribing: retained messages follow at once
             with self._lock:
                 filters = [(f, q) for f, _, q in self._handlers]
             for topic_filter, qos in filters:

@@ -118,7 +118,7 @@ class Counter(_Scalar):
     kind = "counter"
 
     def inc(self, value: float = 1, **labels: str) -> None:
-        """Add ``value`` (>= 0); ``inc(0, ...)`` makes a label set visible before its first event."""
+        """Add ``value`` (>= 0); ``inc(0, ...)`` shows a label set before its first event."""
         if value < 0:
             raise ValueError(f"{self.name}: a counter only goes up (got {value})")
         self._add(value, labels)

@@ -42,11 +42,59 @@ class FleetData:
     presence: dict[str, bool] = field(default_factory=dict)
     results: dict[tuple[str, str], TaskResult] = field(default_factory=dict)
     last_heartbeat: dict[str, float] = field(default_factory=dict)
+    heartbeat_interval: dict[str, float] = field(default_factory=dict)
+    presence_at: dict[str, float] = field(default_factory=dict)  # when presence last changed
+    since: float = 0.0  # when this view started (clock of the view)
     dropped: int = 0
 
     def observed(self) -> ObservedState:
         alive = {p for p, online in self.presence.items() if online}
         return ObservedState.from_messages(self.reported, self.desired, alive)
+
+    def proplets(self) -> set[str]:
+        return set(self.reported) | set(self.desired) | set(self.presence)
+
+
+@dataclass(frozen=True, slots=True)
+class Liveness:
+    """Who is alive, who is lost, and when the next of them may change."""
+
+    alive: frozenset[str]
+    lost: frozenset[str]
+    next_change: float | None
+
+
+def liveness(data: FleetData, now: float, *, misses: int, lost_after: float) -> Liveness:
+    """Judge liveness over several heartbeats, with hysteresis.
+
+    A proplet is alive while it is connected (its presence says so) and has not missed
+    ``misses`` heartbeats in a row. It is lost once it has not been alive for ``lost_after``
+    seconds: a proplet that blinks (reconnects quickly) never becomes lost, so its tasks stay.
+    """
+    alive: set[str] = set()
+    lost: set[str] = set()
+    changes: list[float] = []
+    for proplet in data.proplets():
+        online = data.presence.get(proplet, False)
+        down_since: float | None = None
+        if not online:
+            down_since = data.presence_at.get(proplet, data.since)
+        else:
+            last = data.last_heartbeat.get(proplet)
+            interval = data.heartbeat_interval.get(proplet)
+            if last is not None and interval is not None:
+                silent_at = last + misses * interval
+                if now >= silent_at:
+                    down_since = silent_at
+                else:
+                    changes.append(silent_at)
+        if down_since is None:
+            alive.add(proplet)
+        elif now - down_since >= lost_after:
+            lost.add(proplet)
+        else:
+            changes.append(down_since + lost_after)
+    return Liveness(frozenset(alive), frozenset(lost), min(changes) if changes else None)
 
 
 class FleetView:
@@ -59,6 +107,8 @@ class FleetView:
         self._cond = threading.Condition()
         self._marker = f"{namespace.root}/observers/{uuid.uuid4().hex[:16]}"
         self._snapshot_done = threading.Event()
+        self.data.since = clock()
+        self.stale = False
 
     def attach(self, broker: Broker, *, results: bool = False, timeout: float = 10.0) -> None:
         """Subscribe and wait until every retained message has arrived."""
@@ -69,6 +119,20 @@ class FleetView:
         broker.publish(self._marker, b"end", qos=0)
         if not self._snapshot_done.wait(timeout):
             raise FleetUnreachable(f"no fleet snapshot from {broker.settings.url} in {timeout}s")
+
+    def reset(self) -> None:
+        """Forget everything (the broker restarted): the next ``resync`` rebuilds the snapshot."""
+        with self._cond:
+            self.data = FleetData(since=self.clock())
+            self._snapshot_done.clear()
+            self.stale = True
+
+    def resync(self, broker: Broker, timeout: float = 10.0) -> None:
+        """Wait for a fresh snapshot after ``reset`` (subscriptions were renewed on reconnect)."""
+        broker.publish(self._marker, b"end", qos=0)
+        if not self._snapshot_done.wait(timeout):
+            raise FleetUnreachable(f"no fleet snapshot from {broker.settings.url} in {timeout}s")
+        self.stale = False
 
     def read(self, reader: Callable[[FleetData], T]) -> T:
         with self._cond:
@@ -118,10 +182,14 @@ class FleetView:
             else:
                 data.desired.pop(proplet, None)
         elif kind is Kind.PRESENCE and payload:
-            data.presence[proplet] = decode(Presence, payload).online
+            online = decode(Presence, payload).online
+            if data.presence.get(proplet) != online:
+                data.presence_at[proplet] = self.clock()
+            data.presence[proplet] = online
         elif kind is Kind.HEARTBEAT:
-            decode(Heartbeat, payload)
+            beat = decode(Heartbeat, payload)
             data.last_heartbeat[proplet] = self.clock()
+            data.heartbeat_interval[proplet] = beat.interval_s
         elif kind is Kind.RESULT:
             if payload:
                 data.results[(proplet, task)] = decode(TaskResult, payload)

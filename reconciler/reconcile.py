@@ -22,6 +22,7 @@ from reconciler.desired import DesiredState
 from reconciler.loader import load
 from reconciler.lock import fleet_lock, lock_path
 from reconciler.observe import FleetView
+from reconciler.observed import ObservedState
 from reconciler.plan import DEFAULT_OWNER, Plan, plan
 from reconciler.source import Revision, Source, default_cache_dir
 from schemas.connection import BrokerSettings
@@ -109,53 +110,63 @@ def reconcile(
     timings["fetch_load"] = time.perf_counter() - started
     cache_dir = options.cache_dir or default_cache_dir()
     with fleet_lock(lock_path(cache_dir, fleet_key(settings)), on_wait=progress):
-        return _pass(revision, desired, settings, options, progress, timings)
+        mark = time.perf_counter()
+        with connected(settings) as (broker, view):
+            timings["connect"] = time.perf_counter() - mark
+            server: ArtifactServer | None = None
+            if not options.dry_run:
+                server = ArtifactServer(
+                    broker, settings.namespace, module_reader(revision, desired)
+                )
+                server.start()
+            try:
+                return run_pass(broker, view, desired, options, progress, timings)
+            finally:
+                if server is not None:
+                    server.stop()
 
 
-def _pass(
-    revision: Revision,
+def run_pass(
+    broker: Broker,
+    view: FleetView,
     desired: DesiredState,
-    settings: BrokerSettings,
     options: PassOptions,
     progress: Progress,
     timings: dict[str, float],
+    observe: Callable[[], ObservedState] | None = None,
 ) -> PassResult:
+    """Observe, plan and converge on an open connection; the caller serves the modules."""
     mark = time.perf_counter()
-    with connected(settings) as (broker, view):
-        observed = view.observed()
-        timings["observe"] = time.perf_counter() - mark
-        alive = sum(1 for p in observed.proplets.values() if p.alive)
-        progress(f"observed {len(observed.proplets)} proplet(s), {alive} alive")
-        mark = time.perf_counter()
-        the_plan = plan(desired, observed, prune=options.prune, owner=options.owner)
-        timings["plan"] = time.perf_counter() - mark
-        changes = [a for a in the_plan.actions if a.kind not in ("unchanged", "orphan")]
-        progress(f"planned {len(changes)} change(s) on {len(the_plan.sets)} proplet(s)")
-        mark = time.perf_counter()
-        server: ArtifactServer | None = None
-        if not options.dry_run:
-            server = ArtifactServer(broker, settings.namespace, _module_reader(revision, desired))
-            server.start()
-        try:
-            outcomes = converge(
-                broker,
-                view,
-                the_plan,
-                issuer=issuer(),
-                wait=options.wait,
-                timeout=options.timeout,
-                progress=progress,
-                serving=desired.modules.keys(),
-                dry_run=options.dry_run,
-            )
-        finally:
-            if server is not None:
-                server.stop()
-        timings["converge"] = time.perf_counter() - mark
-    return PassResult(revision.id, the_plan, outcomes, timings)
+    observed = (observe or view.observed)()
+    timings["observe"] = time.perf_counter() - mark
+    alive = sum(1 for p in observed.proplets.values() if p.alive)
+    lost = sum(1 for p in observed.proplets.values() if p.lost)
+    progress(
+        f"observed {len(observed.proplets)} proplet(s), {alive} alive"
+        + (f", {lost} lost" if lost else "")
+    )
+    mark = time.perf_counter()
+    the_plan = plan(desired, observed, prune=options.prune, owner=options.owner)
+    timings["plan"] = time.perf_counter() - mark
+    changes = [a for a in the_plan.actions if a.kind not in ("unchanged", "orphan")]
+    progress(f"planned {len(changes)} change(s) on {len(the_plan.sets)} proplet(s)")
+    mark = time.perf_counter()
+    outcomes = converge(
+        broker,
+        view,
+        the_plan,
+        issuer=issuer(),
+        wait=options.wait,
+        timeout=options.timeout,
+        progress=progress,
+        serving=desired.modules.keys(),
+        dry_run=options.dry_run,
+    )
+    timings["converge"] = time.perf_counter() - mark
+    return PassResult(desired.revision, the_plan, outcomes, timings)
 
 
-def _module_reader(revision: Revision, desired: DesiredState) -> Callable[[str], bytes | None]:
+def module_reader(revision: Revision, desired: DesiredState) -> Callable[[str], bytes | None]:
     cache: dict[str, bytes | None] = {}
 
     def lookup(digest: str) -> bytes | None:

@@ -209,6 +209,24 @@ class ArtifactOffer(Message):
     error: str | None = Field(default=None, max_length=1024)
 
 
+class ReconcilerStatus(Message):
+    """Where a serving reconciler stands. Retained, QoS 1, rewritten after every pass."""
+
+    reconciler: str = Field(max_length=256, description="who runs the loop: host and pid")
+    source: str = Field(max_length=1024, description="repository, ref and path")
+    last_attempted_revision: str | None = Field(default=None, max_length=80)
+    last_applied_revision: str | None = Field(default=None, max_length=80)
+    in_sync: bool
+    last_error: str | None = Field(default=None, max_length=4096)
+    last_pass_at: Timestamp | None = None
+    last_pass_seconds: float | None = Field(default=None, ge=0)
+    passes: int = Field(ge=0, le=MAX_INT)
+    proplets: int = Field(ge=0)
+    proplets_alive: int = Field(ge=0)
+    tasks: dict[str, int] = Field(default_factory=dict, description="task count by state")
+    ts: Timestamp
+
+
 MESSAGES: tuple[type[Message], ...] = (
     Announce,
     Heartbeat,
@@ -218,6 +236,7 @@ MESSAGES: tuple[type[Message], ...] = (
     TaskResult,
     ArtifactRequest,
     ArtifactOffer,
+    ReconcilerStatus,
 )
 
 M = TypeVar("M", bound=Message)

@@ -42,6 +42,7 @@ class Kind(StrEnum):
     ARTIFACT_OFFER = "offer"
     ARTIFACT_CHUNK = "chunk"
     ARTIFACT_REQUEST = "request"
+    STATUS = "status"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,9 @@ class Namespace:
     def artifact_request(self) -> str:
         return f"{self.root}/artifacts/request"
 
+    def status(self) -> str:
+        return f"{self.root}/reconciler/status"
+
     # Subscription filters.
     def proplet_inbox(self, proplet: str) -> str:
         """Everything a proplet reads: its desired set and the artifacts sent to it."""
@@ -122,6 +126,8 @@ class Namespace:
         parts = topic[len(prefix) :].split("/")
         if parts == ["artifacts", "request"]:
             return Parsed(Kind.ARTIFACT_REQUEST)
+        if parts == ["reconciler", "status"]:
+            return Parsed(Kind.STATUS)
         if len(parts) < 3 or parts[0] != "proplets":
             raise TopicError(f"unknown topic {topic!r}")
         proplet = check_segment("proplet id", parts[1])

@@ -38,6 +38,7 @@ HEX = "ab" * 32
             Parsed(Kind.ARTIFACT_CHUNK, proplet="p1", digest_hex=HEX, index=7),
         ),
         (NS.artifact_request(), Parsed(Kind.ARTIFACT_REQUEST)),
+        (NS.status(), Parsed(Kind.STATUS)),
     ],
 )
 def test_topics_round_trip(topic: str, expected: Parsed) -> None:

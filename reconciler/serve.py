@@ -1,0 +1,405 @@
+"""``propctl serve``: the same reconcile pass, run by a timer, by push webhooks and by liveness.
+
+One long-lived broker connection and fleet view; one artifact server for the modules of the last
+good revisions; passes strictly one at a time, triggers coalesced into at most one queued pass.
+A revision that fails validation changes nothing; an unreachable Git remote or broker is
+reported and retried, never fatal. Status is written in one place, after each pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reconciler.artifacts import ArtifactServer
+from reconciler.broker import Broker, FleetUnreachable
+from reconciler.desired import DesiredState
+from reconciler.inventory import task_rows
+from reconciler.loader import InvalidManifests, load
+from reconciler.lock import fleet_lock, lock_path
+from reconciler.metrics import ServeMetrics, serve_metrics
+from reconciler.observe import FleetData, FleetView, Liveness, liveness
+from reconciler.observed import ObservedState
+from reconciler.reconcile import (
+    PassOptions,
+    PassResult,
+    fleet_key,
+    issuer,
+    module_reader,
+    run_pass,
+)
+from reconciler.source import GitSource, Revision, SourceError, default_cache_dir
+from reconciler.webhook import Push
+from schemas.connection import BrokerSettings
+from schemas.messages import ReconcilerStatus, decode
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_MISSES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    interval: float = 60.0
+    jitter: float = 0.1  # each wait is the interval times 1 +/- this fraction
+    prune: bool = False
+    pass_timeout: float = 30.0
+    lost_after: float = 15.0  # offline this long: unpinned tasks move elsewhere
+    state_dir: Path = Path(".")
+    cache_dir: Path | None = None
+
+
+class Triggers:
+    """Pass requests, coalesced: whatever arrives while a pass runs becomes one queued pass."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queued: list[str] = []
+        self.coalesced = 0
+
+    def request(self, reason: str) -> bool:
+        """Queue a pass; False when one is queued already (this request joins it)."""
+        with self._cond:
+            if self._queued:
+                self._queued.append(reason)
+                self.coalesced += 1
+                return False
+            self._queued.append(reason)
+            self._cond.notify_all()
+            return True
+
+    def wait(self, timeout: float) -> list[str]:
+        """The reasons of the queued pass, or [] when ``timeout`` passed with nothing queued."""
+        with self._cond:
+            self._cond.wait_for(lambda: bool(self._queued), timeout=max(0.0, timeout))
+            reasons, self._queued = self._queued, []
+            return reasons
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+@dataclass
+class ServeState:
+    """What survives a restart (kept in the state dir) and what status reports."""
+
+    last_attempted_revision: str | None = None
+    last_applied_revision: str | None = None
+    last_error: str | None = None
+    in_sync: bool = False
+    last_pass_at: float | None = None
+    last_pass_seconds: float | None = None
+    passes: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+    def save(self, path: Path) -> None:
+        body = {
+            "last_attempted_revision": self.last_attempted_revision,
+            "last_applied_revision": self.last_applied_revision,
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(body))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> ServeState:
+        try:
+            body = json.loads(path.read_text())
+            return cls(body.get("last_attempted_revision"), body.get("last_applied_revision"))
+        except (OSError, ValueError, AttributeError):
+            return cls()
+
+
+class Server:
+    """The serve loop. ``run()`` blocks until ``stop()``; a pass in flight always finishes."""
+
+    def __init__(
+        self,
+        source: GitSource,
+        settings: BrokerSettings,
+        options: ServeOptions,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_pass: Callable[[PassResult | None, ServeState], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.settings = settings
+        self.options = options
+        self.clock = clock
+        self.on_pass = on_pass
+        self.triggers = Triggers()
+        self.view = FleetView(settings.namespace)
+        self.broker = Broker(settings, on_reconnect=self._on_reconnect)
+        options.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = options.state_dir / "serve.json"
+        self.state = ServeState.load(self.state_path)
+        self._stopping = threading.Event()
+        self._connected = False
+        self._modules: dict[str, Callable[[str], bytes | None]] = {}
+        self._reader: Callable[[str], bytes | None] | None = None
+        self._previous_reader: Callable[[str], bytes | None] | None = None
+        self.server = ArtifactServer(self.broker, settings.namespace, self._lookup)
+        self.ready = threading.Event()
+        self.metrics: ServeMetrics = serve_metrics()
+        self._result = "applied"
+        self._pass_started = 0.0
+        # The liveness the last pass planned with: a pass is due when it changes.
+        self._passed_liveness: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
+
+    # Control.
+    def stop(self) -> None:
+        self._stopping.set()
+        self.triggers.wake()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def _on_reconnect(self) -> None:
+        # The broker may have lost every retained message: rebuild the snapshot, pass again.
+        self.view.reset()
+        self.triggers.request("broker reconnected")
+
+    def _lookup(self, digest: str) -> bytes | None:
+        for reader in (self._reader, self._previous_reader):
+            if reader is not None:
+                content = reader(digest)
+                if content is not None:
+                    return content
+        return None
+
+    # Loop.
+    def run(self) -> None:
+        self.triggers.request("start")
+        next_timer = self.clock() + self._interval()
+        try:
+            while not self.stopping:
+                if not self._connected and not self._connect():
+                    self._stopping.wait(min(5.0, self.options.interval))
+                    continue
+                timeout = next_timer - self.clock()
+                change = self._next_liveness_change()
+                if change is not None:
+                    timeout = min(timeout, change - self.clock())
+                reasons = self.triggers.wait(timeout)
+                if self.stopping:
+                    break
+                if not reasons:
+                    if self.clock() >= next_timer:
+                        reasons = ["timer"]
+                    elif self._liveness_key() != self._passed_liveness:
+                        reasons = ["fleet liveness changed"]
+                    else:
+                        continue
+                self.pass_once(", ".join(sorted(set(reasons))))
+                next_timer = self.clock() + self._interval()
+        finally:
+            self.server.stop()
+            if self._connected:
+                self.broker.close()
+
+    def _interval(self) -> float:
+        spread = self.options.jitter * self.options.interval
+        return self.options.interval + random.uniform(-spread, spread)
+
+    def _connect(self) -> bool:
+        try:
+            self.broker.connect()
+            self.view.attach(self.broker)
+        except FleetUnreachable as exc:
+            self.state.last_error = str(exc)
+            log.warning("%s; retrying", exc)
+            return False
+        self.server.start()
+        self._connected = True
+        self.ready.set()
+        return True
+
+    def _liveness(self, data: FleetData) -> Liveness:
+        return liveness(
+            data, self.clock(), misses=HEARTBEAT_MISSES, lost_after=self.options.lost_after
+        )
+
+    def _next_liveness_change(self) -> float | None:
+        return self.view.read(self._liveness).next_change
+
+    def _liveness_key(self) -> tuple[frozenset[str], frozenset[str]]:
+        live = self.view.read(self._liveness)
+        return live.alive, live.lost
+
+    def _observe(self) -> ObservedState:
+        def judge(data: FleetData) -> ObservedState:
+            live = self._liveness(data)
+            self._passed_liveness = (live.alive, live.lost)
+            return ObservedState.from_messages(data.reported, data.desired, live.alive, live.lost)
+
+        return self.view.read(judge)
+
+    def pass_once(self, reason: str) -> PassResult | None:
+        """One pass; every failure is recorded in the state, none escapes."""
+        started = time.time()
+        mark = self._pass_started = self.clock()
+        log.info("pass (%s)", reason)
+        result: PassResult | None = None
+        self._result = "failed"
+        try:
+            revision, desired = self._fetch()
+            if desired is not None:
+                cache_dir = self.options.cache_dir or default_cache_dir()
+                lock = lock_path(cache_dir, fleet_key(self.settings))
+                with fleet_lock(lock, on_wait=lambda m: log.info("%s", m)):
+                    result = self._converge(revision, desired)
+        except FleetUnreachable as exc:
+            self.state.last_error = f"broker: {exc}"
+            self._result = "unreachable"
+            self.metrics.errors.inc(stage="observe")
+            log.warning("pass failed: %s", exc)
+        finally:
+            self._record(result)
+            self.state.passes += 1
+            self.state.last_pass_at = started
+            self.state.last_pass_seconds = self.clock() - mark
+            self.state.save(self.state_path)
+            self._publish_status()
+            if self.on_pass is not None:
+                self.on_pass(result, self.state)
+        return result
+
+    def _fetch(self) -> tuple[Revision | None, DesiredState | None]:
+        try:
+            revision = self.source.fetch()
+        except SourceError as exc:
+            self._result = "unreachable"
+            self.metrics.errors.inc(stage="fetch")
+            self.state.last_error = f"fetch: {exc}"
+            self.state.in_sync = False
+            log.warning("fetch failed: %s (last applied revision %s stays in force)", exc,
+                        self.state.last_applied_revision)  # fmt: skip
+            return None, None
+        self.state.last_attempted_revision = revision.id
+        try:
+            desired = load(revision.files, revision.read, revision.id)
+        except InvalidManifests as exc:
+            self._result = "invalid"
+            self.metrics.errors.inc(stage="load")
+            first = exc.problems[0] if exc.problems else None
+            count = len(exc.problems)
+            self.state.last_error = (
+                f"revision {revision.short} rejected, nothing changed:"
+                f" {count} problem(s); first: {first}"
+            )
+            self.state.in_sync = False
+            log.error("revision %s rejected; nothing changes:\n%s", revision.short, exc)
+            return None, None
+        return revision, desired
+
+    def _converge(self, revision: Revision | None, desired: DesiredState) -> PassResult:
+        assert revision is not None
+        if self.view.stale:
+            self.view.resync(self.broker)
+        reader = module_reader(revision, desired)
+        if reader is not self._reader:
+            self._previous_reader, self._reader = self._reader, reader
+        options = PassOptions(
+            prune=self.options.prune, wait=False, timeout=self.options.pass_timeout
+        )
+        result = run_pass(
+            self.broker,
+            self.view,
+            desired,
+            options,
+            lambda line: log.info("%s", line),
+            {},
+            observe=self._observe,
+        )
+        self.state.last_applied_revision = revision.id
+        self._result = "failed" if result.failed else "applied"
+        self.state.in_sync = result.in_sync
+        self.state.last_error = None
+        self.state.outcomes.update(o.outcome for o in result.outcomes)
+        return result
+
+    def _record(self, result: PassResult | None) -> None:
+        """Metrics of a finished pass (the one place they are written)."""
+        m = self.metrics
+        m.passes.inc(result=self._result)
+        m.pass_duration.observe(self.clock() - self._pass_started)
+        m.last_pass.set(time.time())
+        if result is not None:
+            for outcome in result.outcomes:
+                m.actions.inc(outcome=outcome.outcome)
+        if self._connected:
+            observed = self._observe()
+            m.proplets_alive.set(sum(1 for p in observed.proplets.values() if p.alive))
+            states = Counter(row.state for row in self.view.read(task_rows))
+            m.tasks.replace({(state,): float(n) for state, n in states.items()})
+
+    # Webhooks.
+    def on_push(self, push: Push) -> tuple[bool, str]:
+        """Queue a pass for a push to the served ref; acknowledge and ignore any other."""
+        if not _ref_matches(push.ref, self.source.ref):
+            return False, f"push to {push.ref} ignored: serving {self.source.ref}"
+        queued = self.triggers.request(f"{push.provider} push")
+        return True, "pass queued" if queued else "joined the queued pass"
+
+    def status(self) -> ReconcilerStatus:
+        rows = self.view.read(task_rows)
+        observed = self._observe()
+        alive = sum(1 for p in observed.proplets.values() if p.alive)
+        return ReconcilerStatus(
+            reconciler=issuer(),
+            source=f"{self.source.url}@{self.source.ref or 'HEAD'}:{self.source.path or '.'}",
+            last_attempted_revision=self.state.last_attempted_revision,
+            last_applied_revision=self.state.last_applied_revision,
+            in_sync=self.state.in_sync,
+            last_error=(self.state.last_error or "")[:4096] or None,
+            last_pass_at=self.state.last_pass_at,
+            last_pass_seconds=self.state.last_pass_seconds,
+            passes=self.state.passes,
+            proplets=len(observed.proplets),
+            proplets_alive=alive,
+            tasks=dict(Counter(row.state for row in rows)),
+            ts=time.time(),
+        )
+
+    def _publish_status(self) -> None:
+        if not self._connected:
+            return
+        info = self.broker.publish(
+            self.settings.namespace.status(), self.status().encode(), retain=True
+        )
+        try:
+            info.wait_for_publish(timeout=5)
+        except (RuntimeError, ValueError) as exc:
+            log.warning("status not published: %s", exc)
+
+
+def _ref_matches(pushed: str | None, served: str | None) -> bool:
+    """A push without a ref, or to the served branch or tag (any ref when serving HEAD)."""
+    if pushed is None or served is None or pushed == served:
+        return True
+    return pushed in (f"refs/heads/{served}", f"refs/tags/{served}")
+
+
+def read_status(broker: Broker, timeout: float = 5.0) -> ReconcilerStatus | None:
+    """The retained status of the serving reconciler of this namespace, if there is one."""
+    ns = broker.settings.namespace
+    found: list[bytes] = []
+    done = threading.Event()
+    marker = f"{ns.root}/observers/{broker.client_id}"
+    broker.subscribe(marker, lambda _t, _p, _r: done.set())
+    broker.subscribe(ns.status(), lambda _t, payload, _r: found.append(payload))
+    broker.publish(marker, b"end", qos=0)
+    if not done.wait(timeout):
+        raise FleetUnreachable(f"no answer from {broker.settings.url} in {timeout}s")
+    if not found or not found[-1]:
+        return None
+    return decode(ReconcilerStatus, found[-1])
