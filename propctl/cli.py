@@ -545,3 +545,98 @@ def _when(ts: float | None) -> str:
     import datetime
 
     return datetime.datetime.fromtimestamp(ts, tz=datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# -- push: a Wasm module into an OCI registry -----------------------------------------------
+
+# The same names as reconciler.registry's; repeated so that `propctl --help` imports no oras.
+ENV_REGISTRY_USERNAME = "PROPELLER_REGISTRY_USERNAME"
+ENV_REGISTRY_PASSWORD = "PROPELLER_REGISTRY_PASSWORD"
+
+
+def _annotations(pairs: tuple[str, ...]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise Invalid(f"--annotation {pair!r}: use KEY=VALUE, e.g. org.example.team=edge")
+        found[key.strip()] = value
+    return found
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("reference")
+@click.option(
+    "--annotation",
+    "annotation",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Manifest annotation (repeatable).",
+)
+@click.option("--insecure", is_flag=True, help="Plain HTTP, for a registry on loopback.")
+@click.option(
+    "--username", envvar=ENV_REGISTRY_USERNAME, default=None, help=f"[env {ENV_REGISTRY_USERNAME}]"
+)
+@click.option(
+    "--password", envvar=ENV_REGISTRY_PASSWORD, default=None, help=f"[env {ENV_REGISTRY_PASSWORD}]"
+)
+@output_option("text", "json")
+@verbose_option
+@handle_errors
+def push(
+    file: Path, reference: str, annotation: tuple[str, ...], insecure: bool,
+    username: str | None, password: str | None, output: str, verbose: int,
+) -> None:  # fmt: skip
+    """Push a Wasm module to an OCI registry; print the manifest digest.
+
+    REFERENCE is registry/repository[:tag], e.g. localhost:5000/hello:1.0 (tag latest when
+    omitted). The artifact follows the CNCF Wasm OCI layout, so Task manifests can name it in
+    module.image and other Wasm tools can pull it.
+    """
+    from reconciler.registry import (
+        CredentialsRefused,
+        InvalidReference,
+        NotWasmArtifact,
+        RegistryClient,
+        RegistryError,
+        RegistryUnreachable,
+        parse_reference,
+    )
+
+    annotations = _annotations(annotation)
+    if (username is None) != (password is None):
+        raise Invalid(
+            "give both --username and --password (or neither)",
+            f"or set {ENV_REGISTRY_USERNAME} and {ENV_REGISTRY_PASSWORD}",
+        )
+    try:
+        ref = parse_reference(reference)
+        with RegistryClient(username, password, insecure=insecure) as client:
+            result = client.push_wasm(file, ref, annotations)
+    except (InvalidReference, NotWasmArtifact) as exc:
+        raise Invalid(str(exc)) from None
+    except CredentialsRefused as exc:
+        raise Unreachable(
+            str(exc), f"give --username and --password, or set {ENV_REGISTRY_USERNAME} and"
+            f" {ENV_REGISTRY_PASSWORD}",
+        ) from None  # fmt: skip
+    except RegistryUnreachable as exc:
+        raise Unreachable(
+            str(exc), "check the registry host and port; --insecure for plain HTTP on loopback"
+        ) from None
+    except RegistryError as exc:
+        raise Failed(str(exc)) from None
+    except OSError as exc:
+        raise Invalid(f"cannot read {file}: {exc.strerror or exc}") from None
+    if output == "json":
+        click.echo(_json({
+            "reference": str(result.reference),
+            "manifest_digest": result.manifest_digest,
+            "layer_digest": result.layer_digest,
+            "size": result.size,
+            "pinned": str(result.pinned),
+        }), nl=False)  # fmt: skip
+    else:
+        click.echo(result.manifest_digest)
+        click.echo(f"pushed {result.reference} ({result.size} bytes) as {result.pinned}", err=True)

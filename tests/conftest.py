@@ -75,3 +75,29 @@ def mqtt_client() -> Iterator[ClientFactory]:
     yield make
     for client in reversed(made):
         client.close()
+
+
+# -- OCI registries (CNCF distribution 2.8, `docker-registry`) -------------------------------
+
+from tests.registry import REGISTRY_USERS, Registry  # noqa: E402
+
+
+def _start_registry(directory: Path, **kwargs: Any) -> Iterator[Registry]:
+    server = Registry(directory, **kwargs)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()  # SIGTERM to its pid, SIGKILL after a bound; reaps it
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    """An anonymous OCI registry on 127.0.0.1 (plain HTTP; `.address` is "127.0.0.1:PORT")."""
+    yield from _start_registry(tmp_path / "registry")
+
+
+@pytest.fixture
+def auth_registry(tmp_path: Path) -> Iterator[Registry]:
+    """An OCI registry that needs HTTP basic auth: user alice, password alice-pass."""
+    yield from _start_registry(tmp_path / "registry-auth", users=REGISTRY_USERS)
