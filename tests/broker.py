@@ -17,18 +17,14 @@ One broker per directory: the files have fixed names inside it.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import queue
 import re
 import shlex
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -42,7 +38,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-HOST = "127.0.0.1"
+# pid_exists is not used here: tests import it (and free_port, HOST) from this module.
+from tests.process import HOST, LOG_TAIL_LINES, ServerProcess, free_port, pid_exists  # noqa: F401
 
 #: Users, ACL and topics of the `secure_broker` fixture (exported so tests can build variants).
 SECURE_USERS: dict[str, str] = {"alice": "alice-pass", "bob": "bob-pass"}
@@ -54,31 +51,11 @@ user bob
 topic readwrite m/dom-b/c/ch-b/#
 """
 
-_LOG_TAIL_LINES = 40
 _RUNNING = re.compile(r"mosquitto version \S+ running")
 
 
 class BrokerError(RuntimeError):
     """The broker could not be set up, started or stopped."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def pid_exists(pid: int) -> bool:
-    """True while a process (not yet reaped) with this pid exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _mosquitto_binary() -> str:
@@ -164,13 +141,22 @@ def generate_tls_files(directory: Path) -> tuple[Path, Path, Path]:
     return directory / "ca.crt", directory / "server.crt", directory / "server.key"
 
 
-class Mosquitto:
+class Mosquitto(ServerProcess):
     """One Mosquitto process listening on 127.0.0.1:port, configured by files in `directory`.
 
     Nothing starts in the constructor (except generating files); call `start()` or use it as a
     context manager. `restart()` keeps the port; with persistence off (the default) it loses
     retained messages and sessions, like a broker crash with no storage.
     """
+
+    error = BrokerError
+    noun = "broker"
+    program = "mosquitto"
+    dir_prefix = "mosquitto-"
+    conf_name = "mosquitto.conf"
+    log_name = "mosquitto.log"
+    port_in_use_text = "Address already in use"
+    poll_interval = 0.01
 
     def __init__(
         self,
@@ -187,28 +173,15 @@ class Mosquitto:
         start_timeout: float = 5.0,
         stop_timeout: float = 5.0,
     ) -> None:
-        self._owns_dir = directory is None
-        self.directory = Path(
-            tempfile.mkdtemp(prefix="mosquitto-") if directory is None else directory
+        super().__init__(
+            directory, port=port, start_timeout=start_timeout, stop_timeout=stop_timeout
         )
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.conf_path = self.directory / "mosquitto.conf"
-        if self.conf_path.exists():
-            raise BrokerError(f"{self.conf_path} exists: use one directory per broker")
-        self._port = port if port is not None else free_port()
-        self._auto_port = port is None
         self.users: dict[str, str] = dict(users or {})
         self.acl = acl
         self.tls = tls
-        self.start_timeout = start_timeout
-        self.stop_timeout = stop_timeout
-        self.log_path = self.directory / "mosquitto.log"
-        self.output_path = self.directory / "mosquitto.out"
-        self._proc: subprocess.Popen[bytes] | None = None
         self._ca_file: Path | None = None
         self._cert_file: Path | None = None
         self._key_file: Path | None = None
-        self._started_once = False
 
         lines: list[str] = []
         if os.geteuid() == 0:
@@ -264,23 +237,13 @@ class Mosquitto:
     # -- properties ----------------------------------------------------------------------
 
     @property
-    def host(self) -> str:
-        return HOST
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
     def url(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{HOST}:{self._port}"
 
     @property
-    def pid(self) -> int:
-        """Pid of the current (or last) process; raises if it was never started."""
-        if self._proc is None:
-            raise BrokerError("broker was never started")
-        return self._proc.pid
+    def output_path(self) -> Path:
+        """Mosquitto's own stdout and stderr (its log goes to `log_path`)."""
+        return self.directory / "mosquitto.out"
 
     @property
     def ca_file(self) -> Path:
@@ -288,162 +251,29 @@ class Mosquitto:
             raise BrokerError("broker was configured without tls")
         return self._ca_file
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        tail = self.log_text().splitlines()[-lines:]
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        text = super().log_tail(lines)
         try:
             output = self.output_path.read_text(errors="replace").strip()
         except FileNotFoundError:
             output = ""
-        text = "\n".join(tail)
         if output:
             text += f"\n--- mosquitto stdout/stderr ---\n{output}"
         return text
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def start(self) -> Self:
-        """Start the process and return once the listener accepts TCP connections."""
-        if self.running:
-            raise BrokerError(f"broker already running (pid {self.pid})")
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            with self.output_path.open("ab") as out:
-                self._proc = subprocess.Popen(
-                    [_mosquitto_binary(), "-c", str(self.conf_path)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.directory,
-                    start_new_session=True,  # a ^C reaches pytest only; our finalizer stops it
-                )
-            _LIVE.add(self)
-            outcome = self._wait_ready(log_offset, deadline)
-            if outcome == "ready":
-                return self
-            self._reap()
-            if outcome == "port-in-use" and time.monotonic() < deadline:
-                if self._auto_port and not self._started_once:
-                    self._port = free_port()  # lost a race for the free port: pick another
-                    self._write_config()
-                else:
-                    time.sleep(0.05)  # restart on the same port: the old socket may linger
-                continue
-            raise BrokerError(
-                f"mosquitto did not become ready on {HOST}:{self._port} ({outcome});"
-                f" log tail:\n{self.log_tail()}"
-            )
+    def _command(self) -> list[str]:
+        return [_mosquitto_binary(), "-c", str(self.conf_path)]
 
-    def _wait_ready(self, log_offset: int, deadline: float) -> str:
-        assert self._proc is not None
-        while True:
-            if self._proc.poll() is not None:
-                new_log = self._log_since(log_offset)
-                if "Address already in use" in new_log:
-                    return "port-in-use"
-                return f"exited with code {self._proc.returncode}"
-            # "running" is logged after every listener is bound, so a connect then reaches us,
-            # not some other process that took the port.
-            if _RUNNING.search(self._log_since(log_offset)) and self._port_accepts():
-                self._started_once = True
-                return "ready"
-            if time.monotonic() > deadline:
-                self.kill()
-                return f"timed out after {self.start_timeout} s"
-            time.sleep(0.01)
-
-    def _log_since(self, offset: int) -> str:
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(offset)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def _port_accepts(self) -> bool:
-        try:
-            with socket.create_connection((HOST, self._port), timeout=0.5):
-                return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        """SIGTERM the process and wait for it (SIGKILL after `stop_timeout`). Idempotent."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._reap()
-
-    def kill(self) -> None:
-        """SIGKILL the process and reap it (no clean shutdown, like a crash)."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        self._reap()
-
-    def _reap(self) -> None:
-        if self._proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=self.stop_timeout)
-        _LIVE.discard(self)
+    def _is_ready(self, log_offset: int) -> bool:
+        # "running" is logged after every listener is bound, so a connect then reaches us,
+        # not some other process that took the port.
+        return bool(_RUNNING.search(self._log_since(log_offset))) and self._port_accepts()
 
     def restart(self) -> Self:
         """Stop, then start again on the same port (retained messages are lost)."""
-        self.stop()
-        return self.start()
-
-    def close(self) -> None:
-        """Stop, and remove the directory if this object created it."""
-        self.stop()
-        if self._owns_dir:
-            shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        if not self.running:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = f"pid {self._proc.pid}" if self.running and self._proc else "stopped"
-        return f"<Mosquitto {self.url} {state} dir={self.directory}>"
-
-
-# Safety net: brokers still running when the interpreter exits are killed.
-_LIVE: set[Mosquitto] = set()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for broker in list(_LIVE):
-        broker.kill()
+        return super().restart()
 
 
 # -- client side ---------------------------------------------------------------------------

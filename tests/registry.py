@@ -16,29 +16,22 @@ One registry per directory: the files have fixed names inside it.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import http.client
 import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
-import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
-from tests.broker import HOST, free_port
+from tests.process import HOST, ServerProcess
 
 #: Users of the `auth_registry` fixture.
 REGISTRY_USERS: dict[str, str] = {"alice": "alice-pass"}
 
-_LOG_TAIL_LINES = 40
 # 127.0.0.1 - - [04/Dec/2026:21:28:25 +0000] "GET /v2/ HTTP/1.1" 401 87 "" "curl/7.88.1"
 _ACCESS = re.compile(r'^\S+ \S+ \S+ \[[^]]+\] "(?P<method>[A-Z]+) (?P<path>\S+) [^"]*"'
                      r" (?P<status>\d{3}) ")  # fmt: skip
@@ -85,13 +78,22 @@ def _htpasswd_line(user: str, password: str) -> str:
     return proc.stdout.strip()
 
 
-class Registry:
+class Registry(ServerProcess):
     """One `docker-registry` process on 127.0.0.1:port, configured by files in `directory`.
 
     Nothing starts in the constructor (except writing files); call `start()` or use it as a
     context manager. Storage survives `restart()` and `kill()` (it is on disk), and the port is
     kept. With `users`, every request needs HTTP basic credentials (htpasswd, bcrypt).
     """
+
+    error = RegistryProcessError
+    noun = "registry"
+    program = "docker-registry"
+    dir_prefix = "registry-"
+    conf_name = "config.yml"
+    log_name = "registry.log"
+    port_in_use_text = "address already in use"
+    poll_interval = 0.02
 
     def __init__(
         self,
@@ -102,25 +104,13 @@ class Registry:
         start_timeout: float = 10.0,
         stop_timeout: float = 5.0,
     ) -> None:
-        self._owns_dir = directory is None
-        self.directory = Path(
-            tempfile.mkdtemp(prefix="registry-") if directory is None else directory
+        super().__init__(
+            directory, port=port, start_timeout=start_timeout, stop_timeout=stop_timeout
         )
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.conf_path = self.directory / "config.yml"
-        if self.conf_path.exists():
-            raise RegistryProcessError(f"{self.conf_path} exists: use one directory per registry")
-        self._port = port if port is not None else free_port()
-        self._auto_port = port is None
         self.users: dict[str, str] = dict(users or {})
-        self.start_timeout = start_timeout
-        self.stop_timeout = stop_timeout
         self.storage_path = self.directory / "storage"
-        self.log_path = self.directory / "registry.log"
         self.htpasswd_path = self.directory / "htpasswd"
         self._secret = secrets.token_hex(16)
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._started_once = False
         if self.users:
             lines = [_htpasswd_line(name, pw) for name, pw in self.users.items()]
             self.htpasswd_path.write_text("\n".join(lines) + "\n")
@@ -156,14 +146,6 @@ class Registry:
     # -- properties ----------------------------------------------------------------------
 
     @property
-    def host(self) -> str:
-        return HOST
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
     def address(self) -> str:
         """``127.0.0.1:PORT``: the registry part of a reference (``ADDRESS/app:1``)."""
         return f"{HOST}:{self._port}"
@@ -171,26 +153,6 @@ class Registry:
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self._port}"
-
-    @property
-    def pid(self) -> int:
-        """Pid of the current (or last) process; raises if it was never started."""
-        if self._proc is None:
-            raise RegistryProcessError("registry was never started")
-        return self._proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def access_log(self) -> list[AccessEntry]:
         """Every request logged so far, oldest first (the readiness probes included)."""
@@ -202,56 +164,15 @@ class Registry:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def start(self) -> Self:
-        """Start the process and return once ``GET /v2/`` answers (401 counts with auth on)."""
-        if self.running:
-            raise RegistryProcessError(f"registry already running (pid {self.pid})")
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            with self.log_path.open("ab") as out:
-                self._proc = subprocess.Popen(
-                    [_registry_binary(), "serve", str(self.conf_path)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.directory,
-                    start_new_session=True,  # a ^C reaches pytest only; our finalizer stops it
-                )
-            _LIVE.add(self)
-            outcome = self._wait_ready(log_offset, deadline)
-            if outcome == "ready":
-                return self
-            self._reap()
-            if outcome == "port-in-use" and time.monotonic() < deadline:
-                if self._auto_port and not self._started_once:
-                    self._port = free_port()  # lost a race for the free port: pick another
-                    self._write_config()
-                else:
-                    time.sleep(0.05)  # restart on the same port: the old socket may linger
-                continue
-            raise RegistryProcessError(
-                f"docker-registry did not become ready on {self.address} ({outcome});"
-                f" log tail:\n{self.log_tail()}"
-            )
+    def _command(self) -> list[str]:
+        return [_registry_binary(), "serve", str(self.conf_path)]
 
-    def _wait_ready(self, log_offset: int, deadline: float) -> str:
-        assert self._proc is not None
-        while True:
-            if self._proc.poll() is not None:
-                if "address already in use" in self._log_since(log_offset):
-                    return "port-in-use"
-                return f"exited with code {self._proc.returncode}"
-            status = self._probe()
-            # A 200 or the htpasswd challenge comes from a registry; anything else on this port
-            # (or nothing yet) means keep waiting.
-            if status == 200 or (status == 401 and self.users):
-                self._started_once = True
-                return "ready"
-            if time.monotonic() > deadline:
-                self.kill()
-                return f"timed out after {self.start_timeout} s"
-            time.sleep(0.02)
+    def _is_ready(self, log_offset: int) -> bool:
+        """True once ``GET /v2/`` answers (401 counts with auth on)."""
+        status = self._probe()
+        # A 200 or the htpasswd challenge comes from a registry; anything else on this port
+        # (or nothing yet) means keep waiting.
+        return status == 200 or (status == 401 and bool(self.users))
 
     def _probe(self) -> int | None:
         conn = http.client.HTTPConnection(HOST, self._port, timeout=0.5)
@@ -263,78 +184,6 @@ class Registry:
         finally:
             conn.close()
 
-    def _log_since(self, offset: int) -> str:
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(offset)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stop(self) -> None:
-        """SIGTERM the process and wait for it (SIGKILL after `stop_timeout`). Idempotent."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._reap()
-
-    def kill(self) -> None:
-        """SIGKILL the process and reap it (no clean shutdown, like a crash)."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        self._reap()
-
-    def _reap(self) -> None:
-        if self._proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=self.stop_timeout)
-        _LIVE.discard(self)
-
     def restart(self) -> Self:
         """Stop, then start again on the same port; stored artifacts are kept."""
-        self.stop()
-        return self.start()
-
-    def close(self) -> None:
-        """Stop, and remove the directory if this object created it."""
-        self.stop()
-        if self._owns_dir:
-            shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        if not self.running:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = f"pid {self._proc.pid}" if self.running and self._proc else "stopped"
-        return f"<Registry {self.url} {state} dir={self.directory}>"
-
-
-# Safety net: registries still running when the interpreter exits are killed.
-_LIVE: set[Registry] = set()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for registry in list(_LIVE):
-        registry.kill()
+        return super().restart()
