@@ -149,6 +149,12 @@ def source_options(func: F) -> F:
 
 
 verbose_option = click.option("-v", "--verbose", count=True, help="More logging; tracebacks.")
+insecure_registry_option = click.option(
+    "--insecure-registry",
+    is_flag=True,
+    help="Resolve module.image over plain HTTP (a registry on loopback). Credentials from"
+    " PROPELLER_REGISTRY_USERNAME / PROPELLER_REGISTRY_PASSWORD.",
+)
 
 
 def output_option(*choices: str) -> Callable[[F], F]:
@@ -237,14 +243,19 @@ def _json(value: Any) -> str:
 @source_options
 @fleet_options
 @click.option("--prune", is_flag=True, help="Show removals of tasks deleted from Git.")
+@insecure_registry_option
 @output_option("text", "json")
 @verbose_option
 @handle_errors
-def diff_command(prune: bool, output: str, verbose: int, **kw: Any) -> None:
+def diff_command(
+    prune: bool, insecure_registry: bool, output: str, verbose: int, **kw: Any
+) -> None:
     """Show what apply would do (exit 0 in sync, 1 differences, 2 error)."""
     from reconciler.reconcile import PassOptions, diff
 
-    options = PassOptions(prune=prune, cache_dir=kw["cache_dir"])
+    options = PassOptions(
+        prune=prune, cache_dir=kw["cache_dir"], insecure_registry=insecure_registry
+    )
     revision, plan = diff(make_source(kw), make_settings(kw), options)
     changes = [a for a in plan.actions if a.kind != "unchanged"]
     if output == "json":
@@ -282,12 +293,13 @@ def _diff_line(action: Action) -> str:
 @click.option("--wait", is_flag=True, help="Wait until every task is Running or Completed.")
 @click.option("--timeout", default="60s", show_default=True, help="How long to wait.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@insecure_registry_option
 @output_option("text", "json")
 @verbose_option
 @handle_errors
 def apply(
-    prune: bool, dry_run: bool, wait: bool, timeout: str, quiet: bool, output: str, verbose: int,
-    **kw: Any,
+    prune: bool, dry_run: bool, wait: bool, timeout: str, quiet: bool, insecure_registry: bool,
+    output: str, verbose: int, **kw: Any,
 ) -> None:  # fmt: skip
     """Run one reconcile pass: publish the desired set of every proplet whose set changed."""
     from reconciler.reconcile import PassOptions, reconcile
@@ -298,8 +310,9 @@ def apply(
     except ValueError as exc:
         raise Invalid(f"--timeout: {exc}") from None
     options = PassOptions(
-        prune=prune, dry_run=dry_run, wait=wait, timeout=seconds, cache_dir=kw["cache_dir"]
-    )
+        prune=prune, dry_run=dry_run, wait=wait, timeout=seconds, cache_dir=kw["cache_dir"],
+        insecure_registry=insecure_registry,
+    )  # fmt: skip
     result = reconcile(make_source(kw), make_settings(kw), options, progress_printer(quiet))
     if output == "json":
         click.echo(_json({
@@ -440,13 +453,14 @@ def quickstart(keep_running: bool, verbose: int) -> None:
     default=None,
     help="Where clones and locks live [env PROPELLER_CACHE_DIR].",
 )
+@insecure_registry_option
 @fleet_options
 @verbose_option
 @handle_errors
 def serve(
     repo: str, ref: str | None, repo_path: str, interval: str, listen: str | None,
     webhook_secret_file: Path | None, prune: bool, lost_after: str, state_dir: Path | None,
-    cache_dir: Path | None, verbose: int, **kw: Any,
+    cache_dir: Path | None, insecure_registry: bool, verbose: int, **kw: Any,
 ) -> None:  # fmt: skip
     """Reconcile continuously: on a timer, on push webhooks, and when proplets are lost."""
     import signal
@@ -469,7 +483,7 @@ def serve(
     cache = cache_dir or default_cache_dir()
     options = ServeOptions(
         interval=every, prune=prune, lost_after=lost, state_dir=state_dir or cache / "serve",
-        cache_dir=cache,
+        cache_dir=cache, insecure_registry=insecure_registry,
     )  # fmt: skip
     server = Server(GitSource(repo, ref, repo_path, cache), make_settings(kw), options)
 

@@ -30,8 +30,10 @@ SPEC_HASH_LENGTH = 16
 class ResolvedTask:
     """One Task manifest whose module is known by digest (``file``) or still by reference.
 
-    ``digest`` and ``size`` are ``None`` for an ``image`` module not fetched yet, except that
-    ``digest`` is set when the reference pins one (``@sha256:...``).
+    ``digest`` and ``size`` are ``None`` for an ``image`` module until the pass resolves the
+    reference with the registry (``reconciler.images``); then ``digest`` is the Wasm layer's
+    digest (the module bytes), ``image`` the reference pinned to the manifest digest, and
+    ``error`` says why resolving failed, if it did.
     """
 
     manifest_name: str
@@ -42,6 +44,7 @@ class ResolvedTask:
     image: str | None
     source_file: str
     line: int
+    error: str | None = None
 
     @property
     def resolved(self) -> bool:

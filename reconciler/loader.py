@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
-import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,7 +27,6 @@ from ruamel.yaml.reader import ReaderError
 
 from reconciler.desired import DesiredState, ResolvedTask
 from schemas.manifests import (
-    IMAGE_REFERENCE,
     KindError,
     Manifest,
     Task,
@@ -351,9 +349,6 @@ def _resolve(document: _Document, task: Task, found: tuple[str, int] | None) -> 
         if found is None:
             return None
         digest, size = found
-    elif module.image is not None:
-        pinned = re.match(IMAGE_REFERENCE, module.image)
-        digest = pinned.group("digest") if pinned is not None else None
     line, _column = document.position(())
     return ResolvedTask(
         manifest_name=task.metadata.name,

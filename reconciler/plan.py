@@ -146,8 +146,9 @@ def _plan(desired: DesiredState, observed: ObservedState, *, prune: bool, owner:
                     "pending",
                     name,
                     unresolved.spec.placement.proplet,
-                    f"module image {unresolved.image} is not resolved to a digest and size yet"
-                    " (OCI images are not fetched yet)",
+                    f"module image {unresolved.image}: {unresolved.error}"
+                    if unresolved.error
+                    else f"module image {unresolved.image} is not resolved to a digest yet",
                 )
             )
 

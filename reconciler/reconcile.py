@@ -44,6 +44,7 @@ class PassOptions:
     timeout: float = 60.0
     owner: str = DEFAULT_OWNER
     cache_dir: Path | None = None
+    insecure_registry: bool = False  # plain HTTP to registries (a registry on loopback)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +66,24 @@ class PassResult:
         return all(o.outcome in settled for o in self.outcomes)
 
 
-def fetch_desired(source: Source, progress: Progress = _quiet) -> tuple[Revision, DesiredState]:
-    """Fetch and validate; raises ``SourceError`` or ``InvalidManifests``."""
+def fetch_desired(
+    source: Source, progress: Progress = _quiet, *, images: bool = False, insecure: bool = False
+) -> tuple[Revision, DesiredState]:
+    """Fetch and validate; with ``images``, resolve OCI references with their registries.
+
+    Raises ``SourceError`` or ``InvalidManifests``; a reference that does not resolve is not an
+    error here: its task stays unresolved with the reason, and the plan reports it pending.
+    """
     revision = source.fetch()
     progress(f"fetched {revision.origin} at {revision.short} ({len(revision.files)} files)")
     desired = load(revision.files, revision.read, revision.id)
     progress(f"loaded {len(desired.tasks)} task(s)")
+    if images and any(task.image is not None for task in desired.tasks):
+        from reconciler.images import resolve_images
+        from reconciler.registry import RegistryClient
+
+        with RegistryClient.from_env(insecure=insecure) as client:
+            desired = resolve_images(desired, client, progress)
     return revision, desired
 
 
@@ -106,7 +119,9 @@ def reconcile(
     """One pass. Invalid input stops it before anything is sent."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    revision, desired = fetch_desired(source, progress)
+    revision, desired = fetch_desired(
+        source, progress, images=True, insecure=options.insecure_registry
+    )
     timings["fetch_load"] = time.perf_counter() - started
     cache_dir = options.cache_dir or default_cache_dir()
     with fleet_lock(lock_path(cache_dir, fleet_key(settings)), on_wait=progress):
@@ -182,7 +197,9 @@ def diff(
     source: Source, settings: BrokerSettings, options: PassOptions, progress: Progress = _quiet
 ) -> tuple[str, Plan]:
     """What a pass would do, without the lock and without sending anything."""
-    revision, desired = fetch_desired(source, progress)
+    revision, desired = fetch_desired(
+        source, progress, images=True, insecure=options.insecure_registry
+    )
     with connected(settings) as (_broker, view):
         observed = view.observed()
     return revision.id, plan(desired, observed, prune=options.prune, owner=options.owner)

@@ -21,6 +21,7 @@ from pathlib import Path
 from reconciler.artifacts import ArtifactServer
 from reconciler.broker import Broker, FleetUnreachable
 from reconciler.desired import DesiredState
+from reconciler.images import resolve_images
 from reconciler.inventory import task_rows
 from reconciler.loader import InvalidManifests, load
 from reconciler.lock import fleet_lock, lock_path
@@ -35,6 +36,7 @@ from reconciler.reconcile import (
     module_reader,
     run_pass,
 )
+from reconciler.registry import RegistryClient
 from reconciler.source import GitSource, Revision, SourceError, default_cache_dir
 from reconciler.webhook import Push
 from schemas.connection import BrokerSettings
@@ -54,6 +56,7 @@ class ServeOptions:
     lost_after: float = 15.0  # offline this long: unpinned tasks move elsewhere
     state_dir: Path = Path(".")
     cache_dir: Path | None = None
+    insecure_registry: bool = False
 
 
 class Triggers:
@@ -287,6 +290,9 @@ class Server:
         self.state.last_attempted_revision = revision.id
         try:
             desired = load(revision.files, revision.read, revision.id)
+            if any(task.image is not None for task in desired.tasks):
+                with RegistryClient.from_env(insecure=self.options.insecure_registry) as client:
+                    desired = resolve_images(desired, client)
         except InvalidManifests as exc:
             self._result = "invalid"
             self.metrics.errors.inc(stage="load")

@@ -262,10 +262,7 @@ def kinds(result: Plan) -> list[tuple[str, str, str | None]]:
             [task("a", digest=None, image="ghcr.io/acme/a:1")],
             [proplet("p1")],
             {},
-            {
-                "a": "module image ghcr.io/acme/a:1 is not resolved to a digest and size yet"
-                " (OCI images are not fetched yet)"
-            },
+            {"a": "module image ghcr.io/acme/a:1 is not resolved to a digest yet"},
         ),
         (
             "proplet that never reported gets nothing new",
