@@ -1,8 +1,9 @@
 """The proplet agent: converges its task table to the desired set and reports what it holds.
 
 All decisions run on one thread, fed by a queue: MQTT messages (from ``session``), finished runs
-(from worker threads) and timers. Wasm runs on worker threads, one per running task; they only
-post their outcome back. The session is the only owner of the broker connection.
+(from worker threads), finished registry pulls (from pull threads) and timers. Wasm runs on a
+pool of worker threads, one per running task; they only publish their result and post their
+outcome back. The session is the only owner of the broker connection.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from proplet import __version__
 from proplet.artifacts import ArtifactStore, DigestMismatch
 from proplet.journal import Journal, Memory, TaskMemory
+from proplet.registry import Backoff, Pull, Pulls, RegistryError, RegistryPuller
 from proplet.runtime import Execution, Invocation, Limits, ModuleError, Outcome, Runtime
 from proplet.session import Session
 from proplet.transfer import Timing, Transfers
@@ -51,6 +53,7 @@ DAEMON_BACKOFF_MAX = 30.0
 DAEMON_HEALTHY_RUN = 10.0
 # Reported-state changes within this window go out as one message, after a short task's result.
 STATE_DEBOUNCE = 0.005
+DEFAULT_CACHE_BYTES = 1024**3
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,9 @@ class AgentConfig:
     chunk_size: int = 256 * 1024
     output_bytes: int = 64 * 1024
     transfer_timing: Timing = field(default_factory=Timing)
+    # Bound on the stored modules (None: unbounded); least recently used go first.
+    cache_bytes: int | None = DEFAULT_CACHE_BYTES
+    pull_backoff: Backoff = field(default_factory=Backoff)
 
     @property
     def state_dir(self) -> Path:
@@ -129,11 +135,18 @@ class Agent:
         *,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        registry: RegistryPuller | None = None,
     ) -> None:
         self.config = config
         self.ns: Namespace = settings.namespace
         self.runtime = runtime
-        self.store = ArtifactStore(config.artifact_dir)
+        self.store = ArtifactStore(
+            config.artifact_dir, max_bytes=config.cache_bytes, pinned=self._pinned
+        )
+        # With a registry client, modules of tasks that name an image are pulled from it
+        # directly (--pull direct); without one, every module comes over MQTT (--pull mqtt).
+        self.registry = registry
+        self.pulls = Pulls(config.pull_backoff)
         self.journal = Journal(config.state_dir)
         self.clock = clock
         self.monotonic = monotonic
@@ -171,6 +184,7 @@ class Agent:
     # Lifecycle.
     def run(self) -> None:
         self._restore()
+        self.store.trim()  # the bound may have shrunk since the last run
         self.session.start()
         self._next_heartbeat = self.monotonic()
         self._schedule()
@@ -210,6 +224,9 @@ class Agent:
         transfer_deadline = self.transfers.next_deadline()
         if transfer_deadline is not None:
             deadlines.append(transfer_deadline)
+        pull_deadline = self.pulls.next_deadline()
+        if pull_deadline is not None:
+            deadlines.append(pull_deadline)
         deadlines += [t.restart_at for t in self.tasks.values() if t.restart_at is not None]
         timeout = max(0.0, min(deadlines) - self.monotonic())
         try:
@@ -234,6 +251,11 @@ class Agent:
             assert isinstance(name, str) and isinstance(run_id, int)
             assert isinstance(outcome, Outcome) and isinstance(result, TaskResult)
             self._on_finished(name, run_id, outcome, result)
+        elif kind == "pulled":
+            digest, path, error = event[1], event[2], event[3]
+            assert isinstance(digest, str) and (path is None or isinstance(path, Path))
+            assert error is None or isinstance(error, RegistryError)
+            self._on_pulled(digest, path, error)
         elif kind == "connected":
             self._on_connected()
 
@@ -328,6 +350,7 @@ class Agent:
         self.session.publish(self.ns.result(self.config.proplet_id, name), b"", retain=True)
         if not any(t.spec.digest == task.spec.digest for t in self.tasks.values()):
             self.transfers.drop(task.spec.digest)
+            self.pulls.drop(task.spec.digest)
         self._dirty = True
 
     def _replace(self, task: Task, spec: DesiredTask) -> None:
@@ -377,6 +400,77 @@ class Agent:
                 task.reason = f"waiting for artifact {request.digest} (request {attempt})"
         self._dirty = True
 
+    def _pinned(self) -> set[str]:
+        """Digests the store must keep: those of running tasks and of tasks still to run."""
+        pinned = set()
+        for task in self.tasks.values():
+            if task.run is not None or (
+                not task.removing and (task.spec.daemon or task.memory.finished is None)
+            ):
+                pinned.add(task.spec.digest)
+            if task.replacement is not None:
+                pinned.add(task.replacement.digest)
+        return pinned
+
+    def _fetch(self, task: Task, now: float) -> None:
+        """Get a missing module: from its registry (direct pull) or over MQTT."""
+        spec = task.spec
+        if self.registry is None or spec.image is None:
+            request = self.transfers.want(spec.digest, spec.image, now)
+            if request is not None:
+                self._send_request(request)
+            return
+        pull = self.pulls.want(spec.digest, spec.image, spec.size or None, now)
+        pull = pull or self.pulls.get(spec.digest)
+        assert pull is not None
+        # While a pull is retried, its tasks keep showing the last error, not "pulling".
+        reason = pull.reason or f"pulling {spec.digest} from {pull.image}"
+        state = TaskState.FAILED if pull.permanent else TaskState.PENDING
+        if (task.state, task.reason) != (state, reason):
+            task.state, task.reason = state, reason
+            self._dirty = True
+
+    def _start_pull(self, pull: Pull) -> None:
+        log.info("pulling %s from %s (attempt %d)", pull.digest, pull.image, pull.attempts)
+        threading.Thread(
+            target=self._pull,
+            args=(pull.digest, pull.image, pull.size),
+            name=f"pull-{pull.digest[7:19]}",
+            daemon=True,  # a download in progress must not hold up the agent's exit
+        ).start()
+
+    def _pull(self, digest: str, image: str, size: int | None) -> None:
+        """On a pull thread: download and verify, then hand the file to the agent thread."""
+        assert self.registry is not None
+        path: Path | None = None
+        error: RegistryError | None = None
+        try:
+            path = self.registry.pull(image, digest, self.store.staging_dir(), max_bytes=size)
+        except RegistryError as exc:
+            error = exc
+        except Exception as exc:  # the agent thread must hear back whatever happens
+            log.exception("pull of %s from %s: unexpected failure", digest, image)
+            error = RegistryError(f"pull of {digest} from {image} failed: {exc}")
+        self._events.put(("pulled", digest, path, error))
+
+    def _on_pulled(self, digest: str, path: Path | None, error: RegistryError | None) -> None:
+        if path is not None:
+            try:
+                self.store.put_file(digest, path)
+            except (DigestMismatch, OSError) as exc:  # pulled bytes were verified; disk faults
+                error = RegistryError(f"pulled {digest} but could not store it: {exc}")
+        pull = self.pulls.finished(digest, error, self.monotonic())
+        if pull is None:
+            return  # no task needs it any more; a stored module just waits in the cache
+        if error is None:
+            log.info("artifact %s pulled from %s", digest, pull.image)
+            return  # the next _schedule starts the tasks
+        log.warning("task module %s: %s", digest, pull.reason)
+        state = TaskState.FAILED if pull.permanent else TaskState.PENDING
+        for task in self._tasks_needing(digest):
+            task.state, task.reason = state, pull.reason
+        self._dirty = True
+
     # Running tasks.
     def _should_run(self, task: Task, now: float) -> bool:
         if task.run is not None or task.removing:
@@ -393,9 +487,7 @@ class Agent:
             if not self._should_run(task, now):
                 continue
             if not self.store.has(task.spec.digest):
-                request = self.transfers.want(task.spec.digest, task.spec.image, now)
-                if request is not None:
-                    self._send_request(request)
+                self._fetch(task, now)
                 continue
             if running >= self.config.max_tasks:
                 reason = f"waiting for a free slot ({self.config.max_tasks} tasks running)"
@@ -403,8 +495,11 @@ class Agent:
                     task.state, task.reason = TaskState.PENDING, reason
                     self._dirty = True
                 continue
+            self.store.touch(task.spec.digest)  # a run is a use: least recently run goes first
             self._start(task)
             running += 1
+        for pull in self.pulls.due(now):
+            self._start_pull(pull)
 
     def _start(self, task: Task) -> None:
         self._run_ids += 1

@@ -11,6 +11,7 @@ from types import FrameType
 
 import click
 
+from proplet.registry import ENV_REGISTRY_PASSWORD, ENV_REGISTRY_USERNAME
 from schemas.connection import (
     DEFAULT_BROKER,
     ENV_BROKER,
@@ -22,6 +23,7 @@ from schemas.connection import (
     ConnectionSettingsError,
     broker_settings,
 )
+from schemas.quantities import parse_memory
 from schemas.topics import TopicError, check_segment
 
 EXIT_OK = 0
@@ -47,6 +49,16 @@ def _seconds(text: str) -> float:
         if text.endswith(suffix):
             return float(text[: -len(suffix)]) * units[suffix]
     return float(text)
+
+
+def _cache_bytes(text: str) -> int:
+    try:
+        return parse_memory(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a size: use bytes or a unit, e.g. 512Mi, 1Gi, 100M",
+            param_hint="--cache-size",
+        ) from None
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,6 +87,37 @@ def _seconds(text: str) -> float:
     help="Chunk size requested for artifact transfers.",
 )
 @click.option(
+    "--pull",
+    type=click.Choice(["direct", "mqtt"]),
+    default="direct",
+    show_default=True,
+    help="How modules of OCI images arrive: pulled from the registry by this proplet, or"
+    " requested over MQTT (no registry access needed). Modules from Git always use MQTT.",
+)
+@click.option(
+    "--cache-size",
+    default="1Gi",
+    show_default=True,
+    help="Bound on cached modules (512Mi, 1Gi, or bytes); least recently used are evicted.",
+)
+@click.option(
+    "--insecure-registry",
+    is_flag=True,
+    help="Pull over plain HTTP instead of HTTPS (a registry on loopback or a lab network).",
+)
+@click.option(
+    "--registry-username",
+    envvar=ENV_REGISTRY_USERNAME,
+    default=None,
+    help=f"Registry login for --pull direct [env {ENV_REGISTRY_USERNAME}].",
+)
+@click.option(
+    "--registry-password",
+    envvar=ENV_REGISTRY_PASSWORD,
+    default=None,
+    help=f"Registry password [env {ENV_REGISTRY_PASSWORD}].",
+)
+@click.option(
     "--broker",
     envvar=ENV_BROKER,
     default=DEFAULT_BROKER,
@@ -95,6 +138,11 @@ def main(
     max_tasks: int,
     heartbeat: str,
     chunk_size: int,
+    pull: str,
+    cache_size: str,
+    insecure_registry: bool,
+    registry_username: str | None,
+    registry_password: str | None,
     broker: str,
     domain: str,
     channel: str,
@@ -120,11 +168,22 @@ def main(
             ca_file=ca_file,
         )
         interval = _seconds(heartbeat)
+        cache_bytes = _cache_bytes(cache_size)
+        if (registry_username is None) != (registry_password is None):
+            raise ValueError(
+                "give both --registry-username and --registry-password"
+                f" (or {ENV_REGISTRY_USERNAME} and {ENV_REGISTRY_PASSWORD}), or neither"
+            )
+    except click.BadParameter as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(EXIT_USAGE)
     except (ConnectionSettingsError, TopicError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
 
     from proplet.agent import Agent, AgentConfig
+    from proplet.artifacts import COMPILED_DIR
+    from proplet.registry import RegistryPuller
     from proplet.runtime import Runtime
     from proplet.session import ConnectionRefused
 
@@ -136,9 +195,15 @@ def main(
         max_tasks=max_tasks,
         heartbeat_s=interval,
         chunk_size=chunk_size,
+        cache_bytes=cache_bytes,
     )
-    runtime = Runtime(config.artifact_dir / "compiled")
-    agent = Agent(config, settings, runtime)
+    registry = None
+    if pull == "direct":
+        registry = RegistryPuller(registry_username, registry_password, insecure=insecure_registry)
+    elif registry_username is not None:
+        log.warning("--pull mqtt: the registry credentials are not used")
+    runtime = Runtime(config.artifact_dir / COMPILED_DIR)
+    agent = Agent(config, settings, runtime, registry=registry)
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
         agent.stop()
