@@ -89,7 +89,9 @@ MANIFESTS = "manifests"
 MODULE = "modules/sleepy.wasm"
 ONLINE_TIMEOUT_S = 120.0
 STEP_TIMEOUT_S = 60.0
-SETTLE_S = 0.3  # between pushes: let trailing state messages and journals go out
+# Between pushes: serve starts at most one webhook-triggered pass a second (a burst of pushes
+# coalesces), so pushes a second apart each get a pass of their own right away.
+SETTLE_S = 1.0
 ENV_BROKER = "PROPELLER_BROKER"
 
 HOOK = """\

@@ -79,6 +79,10 @@ class Broker:
             self.close()
             raise FleetUnreachable(self._refused)
 
+    @property
+    def connected(self) -> bool:
+        return bool(self._client.is_connected())
+
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 0) -> None:
         with self._lock:
             self._handlers.append((topic_filter, handler, qos))

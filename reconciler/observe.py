@@ -109,6 +109,7 @@ class FleetView:
         self._snapshot_done = threading.Event()
         self.data.since = clock()
         self.stale = False
+        self.remembered: dict[str, DesiredSet] = {}
 
     def attach(self, broker: Broker, *, results: bool = False, timeout: float = 10.0) -> None:
         """Subscribe and wait until every retained message has arrived."""
@@ -121,8 +122,13 @@ class FleetView:
             raise FleetUnreachable(f"no fleet snapshot from {broker.settings.url} in {timeout}s")
 
     def reset(self) -> None:
-        """Forget everything (the broker restarted): the next ``resync`` rebuilds the snapshot."""
+        """Forget everything (the broker restarted): the next ``resync`` rebuilds the snapshot.
+
+        The desired sets seen so far are kept in ``remembered``: a broker that restarted
+        without persistence lost them, and the reconciler must publish them again as they were.
+        """
         with self._cond:
+            self.remembered = {**self.remembered, **self.data.desired}
             self.data = FleetData(since=self.clock())
             self._snapshot_done.clear()
             self.stale = True

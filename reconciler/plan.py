@@ -9,7 +9,7 @@ and count against capacity.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -66,10 +66,16 @@ def plan(
     *,
     prune: bool,
     owner: str = DEFAULT_OWNER,
+    republish: Collection[str] = (),
 ) -> Plan:
-    """Place ``desired`` on the fleet in ``observed`` and compute the sets that change."""
+    """Place ``desired`` on the fleet in ``observed`` and compute the sets that change.
+
+    ``republish`` names proplets whose set must be published even when it did not change:
+    the broker lost its retained copy (it restarted), and the observed set is the one this
+    reconciler remembers writing.
+    """
     with _collector_paused():
-        return _plan(desired, observed, prune=prune, owner=owner)
+        return _plan(desired, observed, prune=prune, owner=owner, republish=republish)
 
 
 @contextmanager
@@ -89,7 +95,14 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _plan(desired: DesiredState, observed: ObservedState, *, prune: bool, owner: str) -> Plan:
+def _plan(
+    desired: DesiredState,
+    observed: ObservedState,
+    *,
+    prune: bool,
+    owner: str,
+    republish: Collection[str],
+) -> Plan:
     tasks = {task.manifest_name: task for task in desired.tasks}
     if len(tasks) != len(desired.tasks):
         raise ValueError("desired state holds two tasks with the same name")
@@ -155,7 +168,7 @@ def _plan(desired: DesiredState, observed: ObservedState, *, prune: bool, owner:
     actions.sort(key=lambda a: (a.task, a.proplet or "", a.kind))
     return Plan(
         revision=desired.revision,
-        sets=_changed_sets(current, placed_on, owner),
+        sets=_changed_sets(current, placed_on, owner, republish),
         actions=tuple(actions),
     )
 
@@ -200,7 +213,10 @@ def _split(
 
 
 def _changed_sets(
-    current: Mapping[str, _Current], placed_on: Mapping[str, list[DesiredTask]], owner: str
+    current: Mapping[str, _Current],
+    placed_on: Mapping[str, list[DesiredTask]],
+    owner: str,
+    republish: Collection[str],
 ) -> dict[str, DesiredSet]:
     """The new set of every proplet whose tasks differ from the set it holds."""
     sets: dict[str, DesiredSet] = {}
@@ -209,7 +225,8 @@ def _changed_sets(
         held = entry.proplet.desired.tasks if entry.proplet.desired is not None else []
         if entry.proplet.desired is None and not new_tasks:
             continue
-        if [_key(task) for task in new_tasks] == sorted(_key(task) for task in held):
+        unchanged = [_key(task) for task in new_tasks] == sorted(_key(task) for task in held)
+        if unchanged and proplet_id not in republish:
             continue
         sets[proplet_id] = DesiredSet(
             generation=entry.proplet.next_generation, issuer=owner, tasks=new_tasks

@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +149,7 @@ def run_pass(
     progress: Progress,
     timings: dict[str, float],
     observe: Callable[[], ObservedState] | None = None,
+    republish: Collection[str] = (),
 ) -> PassResult:
     """Observe, plan and converge on an open connection; the caller serves the modules."""
     mark = time.perf_counter()
@@ -161,7 +162,9 @@ def run_pass(
         + (f", {lost} lost" if lost else "")
     )
     mark = time.perf_counter()
-    the_plan = plan(desired, observed, prune=options.prune, owner=options.owner)
+    the_plan = plan(
+        desired, observed, prune=options.prune, owner=options.owner, republish=republish
+    )
     timings["plan"] = time.perf_counter() - mark
     changes = [a for a in the_plan.actions if a.kind not in ("unchanged", "orphan")]
     progress(f"planned {len(changes)} change(s) on {len(the_plan.sets)} proplet(s)")

@@ -40,7 +40,7 @@ from reconciler.registry import RegistryClient
 from reconciler.source import GitSource, Revision, SourceError, default_cache_dir
 from reconciler.webhook import Push
 from schemas.connection import BrokerSettings
-from schemas.messages import ReconcilerStatus, decode
+from schemas.messages import DesiredSet, ReconcilerStatus, decode
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,9 @@ class ServeOptions:
     prune: bool = False
     pass_timeout: float = 30.0
     lost_after: float = 15.0  # offline this long: unpinned tasks move elsewhere
+    # A triggered pass starts at once unless the previous one started less than this ago; then
+    # it starts this long after it, so a burst of pushes costs at most two passes a second.
+    min_gap: float = 1.0
     state_dir: Path = Path(".")
     cache_dir: Path | None = None
     insecure_registry: bool = False
@@ -65,6 +68,7 @@ class Triggers:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._queued: list[str] = []
+        self._woken = False
         self.coalesced = 0
 
     def request(self, reason: str) -> bool:
@@ -79,14 +83,19 @@ class Triggers:
             return True
 
     def wait(self, timeout: float) -> list[str]:
-        """The reasons of the queued pass, or [] when ``timeout`` passed with nothing queued."""
+        """The reasons of the queued pass, or [] when ``timeout`` passed or ``wake`` was called."""
         with self._cond:
-            self._cond.wait_for(lambda: bool(self._queued), timeout=max(0.0, timeout))
+            self._cond.wait_for(
+                lambda: bool(self._queued) or self._woken, timeout=max(0.0, timeout)
+            )
+            self._woken = False
             reasons, self._queued = self._queued, []
             return reasons
 
     def wake(self) -> None:
+        """End a ``wait`` now (shutdown), whether or not a pass is queued."""
         with self._cond:
+            self._woken = True
             self._cond.notify_all()
 
 
@@ -154,6 +163,10 @@ class Server:
         self.metrics: ServeMetrics = serve_metrics()
         self._result = "applied"
         self._pass_started = 0.0
+        self._last_pass_start = float("-inf")
+        # Sets the broker lost in a restart, remembered from before it: published again as
+        # they were, so the next pass moves nothing.
+        self._restore_sets: dict[str, DesiredSet] = {}
         # The liveness the last pass planned with: a pass is due when it changes.
         self._passed_liveness: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
 
@@ -202,6 +215,13 @@ class Server:
                         reasons = ["fleet liveness changed"]
                     else:
                         continue
+                gap = self._last_pass_start + self.options.min_gap - self.clock()
+                if gap > 0 and reasons != ["timer"]:
+                    self._stopping.wait(gap)
+                    reasons += self.triggers.wait(0)
+                    if self.stopping:
+                        break
+                self._last_pass_start = self.clock()
                 self.pass_once(", ".join(sorted(set(reasons))))
                 next_timer = self.clock() + self._interval()
         finally:
@@ -242,7 +262,8 @@ class Server:
         def judge(data: FleetData) -> ObservedState:
             live = self._liveness(data)
             self._passed_liveness = (live.alive, live.lost)
-            return ObservedState.from_messages(data.reported, data.desired, live.alive, live.lost)
+            desired = {**self._restore_sets, **data.desired}
+            return ObservedState.from_messages(data.reported, desired, live.alive, live.lost)
 
         return self.view.read(judge)
 
@@ -254,6 +275,8 @@ class Server:
         result: PassResult | None = None
         self._result = "failed"
         try:
+            if not self.broker.connected:
+                raise FleetUnreachable(f"not connected to {self.settings.url}; reconnecting")
             revision, desired = self._fetch()
             if desired is not None:
                 cache_dir = self.options.cache_dir or default_cache_dir()
@@ -311,6 +334,12 @@ class Server:
         assert revision is not None
         if self.view.stale:
             self.view.resync(self.broker)
+            fresh = self.view.read(lambda d: set(d.desired))
+            self._restore_sets = {p: s for p, s in self.view.remembered.items() if p not in fresh}
+            self.view.remembered = {}
+            if self._restore_sets:
+                log.info("the broker lost %d desired set(s); publishing them again",
+                         len(self._restore_sets))  # fmt: skip
         reader = module_reader(revision, desired)
         if reader is not self._reader:
             self._previous_reader, self._reader = self._reader, reader
@@ -325,7 +354,9 @@ class Server:
             lambda line: log.info("%s", line),
             {},
             observe=self._observe,
+            republish=self._restore_sets.keys(),
         )
+        self._restore_sets = {}
         self.state.last_applied_revision = revision.id
         self._result = "failed" if result.failed else "applied"
         self.state.in_sync = result.in_sync
@@ -351,8 +382,9 @@ class Server:
     # Webhooks.
     def on_push(self, push: Push) -> tuple[bool, str]:
         """Queue a pass for a push to the served ref; acknowledge and ignore any other."""
-        if not _ref_matches(push.ref, self.source.ref):
-            return False, f"push to {push.ref} ignored: serving {self.source.ref}"
+        served = self.source.ref or self.source.default_branch
+        if not _ref_matches(push.ref, served):
+            return False, f"push to {push.ref} ignored: serving {served}"
         queued = self.triggers.request(f"{push.provider} push")
         return True, "pass queued" if queued else "joined the queued pass"
 
@@ -377,8 +409,8 @@ class Server:
         )
 
     def _publish_status(self) -> None:
-        if not self._connected:
-            return
+        if not self._connected or not self.broker.connected:
+            return  # paho would queue it and send a stale status after reconnecting
         info = self.broker.publish(
             self.settings.namespace.status(), self.status().encode(), retain=True
         )
@@ -389,7 +421,7 @@ class Server:
 
 
 def _ref_matches(pushed: str | None, served: str | None) -> bool:
-    """A push without a ref, or to the served branch or tag (any ref when serving HEAD)."""
+    """A push without a ref, or to the served branch or tag (any ref before HEAD is known)."""
     if pushed is None or served is None or pushed == served:
         return True
     return pushed in (f"refs/heads/{served}", f"refs/tags/{served}")

@@ -100,6 +100,8 @@ class GitSource:
         self.path = _normalise(path)
         key = hashlib.sha256(url.encode()).hexdigest()[:16]
         self.clone_dir = (cache_dir or default_cache_dir()) / "repos" / key
+        # The branch the remote's HEAD points to, learnt on the first fetch without a ref.
+        self.default_branch: str | None = None
 
     def fetch(self) -> Revision:
         with _locked(self.clone_dir.with_suffix(".lock")):
@@ -152,6 +154,8 @@ class GitSource:
         except gitmod.GitCommandError as exc:
             detail = _last_line(exc.stderr) or str(exc)
             raise SourceError(f"cannot fetch {ref!r} from {self.url}: {detail}") from None
+        if self.ref is None and self.default_branch is None:
+            self.default_branch = _head_branch(repo)
         target = ref if _SHA.match(ref) else "FETCH_HEAD"
         try:
             return repo.commit(target)
@@ -159,10 +163,26 @@ class GitSource:
             raise SourceError(f"{ref!r} is not a commit in {self.url}") from None
 
 
+def _head_branch(repo: Repo) -> str | None:
+    """The branch the remote's HEAD names (``git ls-remote --symref``), if it says."""
+    import git as gitmod
+
+    try:
+        listing = str(repo.git.ls_remote("--symref", "origin", "HEAD"))
+    except gitmod.GitCommandError:
+        return None
+    for line in listing.splitlines():
+        if line.startswith("ref: refs/heads/"):
+            return line.split()[1].removeprefix("refs/heads/")
+    return None
+
+
 def _last_line(text: str | None) -> str:
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    last = lines[-1] if lines else ""
-    return last.removeprefix("stderr: ").strip("'").strip()
+    """Git's own reason: its first ``fatal:`` line, or else its last line."""
+    lines = [line.strip().removeprefix("stderr: ").strip("'").strip() for line in
+             (text or "").splitlines() if line.strip()]  # fmt: skip
+    fatal = [line for line in lines if line.startswith("fatal:")]
+    return (fatal[0] if fatal else lines[-1] if lines else "").removeprefix("fatal: ")
 
 
 @contextmanager

@@ -305,6 +305,8 @@ class HttpListener:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 resets connections when a burst of pushes arrives.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], listener: HttpListener) -> None:
         self.listener = listener

@@ -80,7 +80,7 @@ def test_a_waiting_loop_wakes_on_request() -> None:
         ("refs/tags/v1", "v1", True),
         ("main", "main", True),
         ("refs/heads/dev", "main", False),
-        ("refs/heads/anything", None, True),  # serving HEAD: any push may move it
+        ("refs/heads/anything", None, True),  # HEAD not known yet: any push may move it
         (None, "main", True),  # a generic hook without a ref
     ],
 )
