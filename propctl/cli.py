@@ -654,3 +654,91 @@ def push(
     else:
         click.echo(result.manifest_digest)
         click.echo(f"pushed {result.reference} ({result.size} bytes) as {result.pinned}", err=True)
+
+
+# -- proxy: OCI modules for proplets that cannot reach the registry -------------------------
+
+
+@main.command()
+@click.option("--insecure", is_flag=True, help="Plain HTTP, for a registry on loopback.")
+@click.option(
+    "--registry-username",
+    envvar=ENV_REGISTRY_USERNAME,
+    default=None,
+    help=f"Registry login [env {ENV_REGISTRY_USERNAME}].",
+)
+@click.option(
+    "--registry-password",
+    envvar=ENV_REGISTRY_PASSWORD,
+    default=None,
+    help=f"Registry password [env {ENV_REGISTRY_PASSWORD}].",
+)
+@click.option(
+    "--cache-size",
+    default="256Mi",
+    show_default=True,
+    help="Bound on pulled modules kept in memory (64Mi, 1Gi, or bytes).",
+)
+@click.option(
+    "--workers", type=click.IntRange(1, 256), default=8, show_default=True,
+    help="Requests answered at once (pulls included).",
+)  # fmt: skip
+@fleet_options
+@verbose_option
+@handle_errors
+def proxy(
+    insecure: bool, registry_username: str | None, registry_password: str | None,
+    cache_size: str, workers: int, verbose: int, **kw: Any,
+) -> None:  # fmt: skip
+    """Serve modules of OCI images to proplets over MQTT, pulling them from their registry.
+
+    Answers the artifact requests that name an image (proplet --pull mqtt, boards): pulls the
+    module's blob, checks its sha256, and sends it in the chunk size each requester asks for.
+    Runs until SIGTERM or Ctrl-C.
+    """
+    import signal
+    import threading
+    from uuid import uuid4
+
+    from reconciler.broker import Broker
+    from reconciler.proxy import RegistryProxy
+    from reconciler.registry import RegistryClient
+    from schemas.quantities import parse_memory
+
+    if verbose == 0:
+        logging.getLogger().setLevel(logging.INFO)
+    if (registry_username is None) != (registry_password is None):
+        raise Invalid(
+            "give both --registry-username and --registry-password (or neither)",
+            f"or set {ENV_REGISTRY_USERNAME} and {ENV_REGISTRY_PASSWORD}",
+        )
+    try:
+        cache_bytes = parse_memory(cache_size)
+    except ValueError as exc:
+        raise Invalid(f"--cache-size: {exc}") from None
+    settings = make_settings(kw)
+    stopping = threading.Event()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with (
+        RegistryClient(registry_username, registry_password, insecure=insecure) as client,
+        Broker(settings, client_id=f"propctl-proxy-{uuid4().hex[:12]}") as broker,
+    ):
+        server = RegistryProxy(
+            broker, settings.namespace, client, cache_bytes=cache_bytes, workers=workers
+        )
+        server.start()
+        log.info("answering artifact requests on %s", settings.namespace.artifact_request())
+        while not stopping.wait(1.0):
+            pass
+        log.info("stopping after the answers in progress")
+        server.stop()
+        stats = server.stats
+        log.info(
+            "served %d answer(s) and %d refusal(s); %d pull(s), %d cache hit(s)",
+            stats.offers, stats.refusals, stats.pulls, stats.cache_hits,
+        )  # fmt: skip

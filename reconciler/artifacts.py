@@ -1,7 +1,8 @@
 """Serving artifacts to proplets over the chunked transfer: offer, then the requested chunks.
 
 The server answers only for digests its ``lookup`` knows (another server may hold the rest), and
-verifies the content against the digest before the first chunk leaves.
+verifies the content against the digest before the first chunk leaves. ``publish_artifact`` and
+``publish_refusal`` are the answer itself, shared with the registry proxy (``reconciler.proxy``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import hashlib
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
 
 from reconciler.broker import Broker
 from schemas.messages import ArtifactOffer, ArtifactRequest, DecodeError, chunk_count, decode
@@ -60,21 +64,73 @@ class ArtifactServer:
                 log.error("refusing to serve %s: content does not match", request.digest)
                 return
             self._verified.add(request.digest)
-        hex_digest = request.digest.removeprefix("sha256:")
-        size = len(content)
-        count = chunk_count(size, request.chunk_size)
-        offer = ArtifactOffer(
-            digest=request.digest, size=size, chunk_size=request.chunk_size, chunks=count
-        )
-        self._broker.publish(self._ns.artifact_offer(request.proplet, hex_digest), offer.encode())
-        indices = request.chunks if request.chunks is not None else range(count)
-        for index in indices:
-            if index >= count:
-                continue
-            start = index * request.chunk_size
-            self._broker.publish(
-                self._ns.artifact_chunk(request.proplet, hex_digest, index),
-                content[start : start + request.chunk_size],
-            )
-            self.chunks_sent += 1
+        self.chunks_sent += publish_artifact(self._broker, self._ns, request, content)
         self.served.setdefault(request.digest, set()).add(request.proplet)
+
+
+class PublishStalled(Exception):
+    """The broker did not acknowledge chunks in time (e.g. the connection dropped)."""
+
+
+def publish_refusal(broker: Broker, ns: Namespace, request: ArtifactRequest, error: str) -> None:
+    """Tell the requester the artifact cannot be provided, and why."""
+    offer = ArtifactOffer(
+        digest=request.digest, size=0, chunk_size=request.chunk_size, chunks=0, error=error[:1024]
+    )
+    hex_digest = request.digest.removeprefix("sha256:")
+    broker.publish(ns.artifact_offer(request.proplet, hex_digest), offer.encode())
+
+
+def publish_artifact(
+    broker: Broker,
+    ns: Namespace,
+    request: ArtifactRequest,
+    content: bytes,
+    *,
+    window_bytes: int | None = None,
+    ack_timeout: float = 30.0,
+) -> int:
+    """Publish the offer, then the requested chunks of verified ``content``; returns the count.
+
+    Chunks go out at QoS 1 without waiting for each acknowledgement: paho keeps them in order and
+    ``max_inflight_messages`` bounds what is on the wire. With ``window_bytes`` it waits for the
+    oldest acknowledgements whenever more than that many bytes are queued, so a large artifact
+    does not sit in paho's queue in full once per request; ``PublishStalled`` when they do not
+    come within ``ack_timeout``.
+    """
+    hex_digest = request.digest.removeprefix("sha256:")
+    size = len(content)
+    count = chunk_count(size, request.chunk_size)
+    offer = ArtifactOffer(
+        digest=request.digest, size=size, chunk_size=request.chunk_size, chunks=count
+    )
+    broker.publish(ns.artifact_offer(request.proplet, hex_digest), offer.encode())
+    indices = request.chunks if request.chunks is not None else range(count)
+    pending: deque[tuple[mqtt.MQTTMessageInfo, int]] = deque()
+    queued = 0
+    sent = 0
+    for index in indices:
+        if index >= count:
+            continue
+        start = index * request.chunk_size
+        chunk = content[start : start + request.chunk_size]
+        info = broker.publish(ns.artifact_chunk(request.proplet, hex_digest, index), chunk)
+        sent += 1
+        if window_bytes is None:
+            continue
+        pending.append((info, len(chunk)))
+        queued += len(chunk)
+        while queued > window_bytes:
+            oldest, length = pending.popleft()
+            _wait_acknowledged(oldest, ack_timeout)
+            queued -= length
+    return sent
+
+
+def _wait_acknowledged(info: mqtt.MQTTMessageInfo, timeout: float) -> None:
+    try:
+        info.wait_for_publish(timeout)
+    except (RuntimeError, ValueError) as exc:  # paho: not queued, or the connection is gone
+        raise PublishStalled(f"chunk not sent: {exc}") from None
+    if not info.is_published():
+        raise PublishStalled(f"chunk not acknowledged within {timeout:g} s")
