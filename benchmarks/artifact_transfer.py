@@ -269,7 +269,7 @@ class Bench:
         inbox = self.inbox
         transfers = Transfers(REQUESTER, chunk_size, Timing(stall=1.0))
         started = time.perf_counter()
-        request = transfers.want(pushed.layer_digest, str(pushed.reference), started)
+        request = transfers.want(pushed.layer_digest, str(pushed.reference), started, pushed.size)
         assert request is not None
         self._ask(request)
         asked = 1

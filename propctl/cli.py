@@ -22,6 +22,8 @@ from schemas.connection import (
     ENV_CHANNEL,
     ENV_DOMAIN,
     ENV_PASSWORD,
+    ENV_REGISTRY_PASSWORD,
+    ENV_REGISTRY_USERNAME,
     ENV_USERNAME,
     BrokerSettings,
     ConnectionSettingsError,
@@ -564,8 +566,6 @@ def _when(ts: float | None) -> str:
 # -- push: a Wasm module into an OCI registry -----------------------------------------------
 
 # The same names as reconciler.registry's; repeated so that `propctl --help` imports no oras.
-ENV_REGISTRY_USERNAME = "PROPELLER_REGISTRY_USERNAME"
-ENV_REGISTRY_PASSWORD = "PROPELLER_REGISTRY_PASSWORD"
 
 
 def _annotations(pairs: tuple[str, ...]) -> dict[str, str]:

@@ -416,7 +416,7 @@ class Agent:
         """Get a missing module: from its registry (direct pull) or over MQTT."""
         spec = task.spec
         if self.registry is None or spec.image is None:
-            request = self.transfers.want(spec.digest, spec.image, now)
+            request = self.transfers.want(spec.digest, spec.image, now, spec.size)
             if request is not None:
                 self._send_request(request)
             return

@@ -11,7 +11,6 @@ from types import FrameType
 
 import click
 
-from proplet.registry import ENV_REGISTRY_PASSWORD, ENV_REGISTRY_USERNAME
 from schemas.connection import (
     DEFAULT_BROKER,
     ENV_BROKER,
@@ -19,6 +18,8 @@ from schemas.connection import (
     ENV_CHANNEL,
     ENV_DOMAIN,
     ENV_PASSWORD,
+    ENV_REGISTRY_PASSWORD,
+    ENV_REGISTRY_USERNAME,
     ENV_USERNAME,
     ConnectionSettingsError,
     broker_settings,

@@ -27,18 +27,16 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
-
-import requests
+from typing import IO, TYPE_CHECKING
 
 from proplet.artifacts import TEMP_PREFIX, digest_hex
+from schemas.connection import ENV_REGISTRY_PASSWORD, ENV_REGISTRY_USERNAME
 from schemas.manifests import IMAGE_REFERENCE
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import requests
 
-# The same names as propctl's, so one environment serves both.
-ENV_REGISTRY_USERNAME = "PROPELLER_REGISTRY_USERNAME"
-ENV_REGISTRY_PASSWORD = "PROPELLER_REGISTRY_PASSWORD"
+log = logging.getLogger(__name__)
 
 _CHUNK = 64 * 1024
 _LOOPBACK = re.compile(r"^(localhost|127\.\d+\.\d+\.\d+|\[::1\])(:\d+)?$")
@@ -100,6 +98,8 @@ def parse_image(image: str) -> Repository:
 
 def _registry_errors(response: requests.Response) -> str:
     """``HTTP 404 BLOB_UNKNOWN: message`` from the registry's error body, or the HTTP reason."""
+    import requests  # loaded with the first pull
+
     try:
         body = response.json()
         parts = [
@@ -151,11 +151,21 @@ class RegistryPuller:
         self._scheme = "http" if insecure else "https"
         self._verify: bool | str = str(ca_file) if ca_file is not None else True
         self._timeout = (min(timeout, 10.0), timeout)
-        self._session = session or requests.Session()
+        # Created on the first pull: an agent that never pulls does not load requests (~10 MB).
+        self._session_given = session
         self._warned_plain: set[str] = set()
 
+    @property
+    def _session(self) -> requests.Session:
+        if self._session_given is None:
+            import requests
+
+            self._session_given = requests.Session()
+        return self._session_given
+
     def close(self) -> None:
-        self._session.close()
+        if self._session_given is not None:
+            self._session_given.close()
 
     def pull(
         self, image: str, digest: str, dest_dir: Path, *, max_bytes: int | None = None
@@ -199,6 +209,8 @@ class RegistryPuller:
         max_bytes: int | None,
         repo: Repository,
     ) -> tuple[str, int]:
+        import requests  # loaded with the first pull
+
         hasher = hashlib.sha256()
         size = 0
         try:
@@ -218,6 +230,8 @@ class RegistryPuller:
         return "sha256:" + hasher.hexdigest(), size
 
     def _get(self, repo: Repository, path: str) -> requests.Response:
+        import requests  # loaded with the first pull
+
         host = repo.registry
         if self.insecure and self._auth and host not in self._warned_plain:
             if not _LOOPBACK.match(host):

@@ -15,8 +15,10 @@ from schemas.messages import ArtifactOffer, ArtifactRequest, chunk_count
 
 log = logging.getLogger(__name__)
 
-# Ask for at most this many chunk indices in one resume request (keeps requests small).
-MAX_RESUME_INDICES = 1024
+# Ask for at most this many chunks at once: brokers cap the QoS 1 messages they queue for one
+# client (Mosquitto: 1,000 by default) and silently drop the rest, so a large artifact in small
+# chunks arrives window by window. It also keeps resume requests small.
+WINDOW = 512
 
 
 class Assembly:
@@ -68,6 +70,8 @@ class Wanted:
     error: str | None = None
     progress_at: float = 0.0
     failures: list[str] = field(default_factory=list)
+    size: int | None = None  # known from the desired task: lets the first request be windowed
+    requested: set[int] | None = None  # indices of the window asked for and not yet received
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +102,13 @@ class Transfers:
     def waiting(self, digest: str) -> Wanted | None:
         return self._wanted.get(digest)
 
-    def want(self, digest: str, image: str | None, now: float) -> ArtifactRequest | None:
+    def want(
+        self, digest: str, image: str | None, now: float, size: int | None = None
+    ) -> ArtifactRequest | None:
         """Start fetching ``digest`` unless already in flight; returns the request to send."""
         if digest in self._wanted:
             return None
-        wanted = Wanted(digest, image)
+        wanted = Wanted(digest, image, size=size)
         self._wanted[digest] = wanted
         return self._ask(wanted, now, resume=False)
 
@@ -143,6 +149,12 @@ class Transfers:
         wanted.progress_at = now
         wanted.attempt = 0
         if not wanted.assembly.complete:
+            if wanted.requested is not None:
+                wanted.requested.discard(index)
+                if not wanted.requested:
+                    # This window is in: the next request goes out on the next ``due``.
+                    wanted.next_try = now
+                    wanted.progress_at = now - self.timing.stall
             return None
         content = wanted.assembly.verified()
         if content is None:
@@ -185,9 +197,12 @@ class Transfers:
         chunks: list[int] | None = None
         chunk_size = self.chunk_size
         if resume and wanted.assembly is not None:
-            chunks = wanted.assembly.missing()[:MAX_RESUME_INDICES]
+            chunks = wanted.assembly.missing()[:WINDOW]
             chunk_size = wanted.assembly.chunk_size
             wanted.progress_at = now
+        elif wanted.size is not None and chunk_count(wanted.size, chunk_size) > WINDOW:
+            chunks = list(range(WINDOW))
+        wanted.requested = set(chunks) if chunks is not None else None
         return ArtifactRequest(
             proplet=self.proplet,
             digest=wanted.digest,

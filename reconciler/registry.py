@@ -41,12 +41,10 @@ import oras.defaults
 import oras.provider
 import requests
 
+from schemas.connection import ENV_REGISTRY_PASSWORD, ENV_REGISTRY_USERNAME
 from schemas.manifests import IMAGE_REFERENCE
 
 log = logging.getLogger(__name__)
-
-ENV_REGISTRY_USERNAME = "PROPELLER_REGISTRY_USERNAME"
-ENV_REGISTRY_PASSWORD = "PROPELLER_REGISTRY_PASSWORD"
 
 WASM_CONFIG_MEDIA_TYPE = "application/vnd.wasm.config.v0+json"
 WASM_LAYER_MEDIA_TYPE = "application/wasm"

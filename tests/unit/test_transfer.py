@@ -113,3 +113,29 @@ def test_resend_after_reconnect_resumes_partial_transfers() -> None:
     t.on_chunk(DIGEST, 0, chunks()[0], now=0.0)
     (request,) = t.resend(now=0.1)
     assert request.chunks == list(range(1, 11))
+
+
+def test_large_artifacts_in_small_chunks_arrive_window_by_window() -> None:
+    from proplet.transfer import WINDOW
+
+    size = (2 * WINDOW + 10) * 64  # 1,034 chunks of 64 bytes
+    data = bytes(i % 251 for i in range(size))
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    t = Transfers("p1", 64, Timing(stall=1.0, initial=0.5, maximum=8.0))
+    first = t.want(digest, None, now=0.0, size=size)
+    assert first is not None and first.chunks == list(range(WINDOW))
+    t.on_offer(ArtifactOffer(digest=digest, size=size, chunk_size=64, chunks=size // 64), now=0.0)
+    asked = [first.chunks]
+    content = None
+    now = 0.0
+    while content is None:
+        assert t.due(now) == []  # nothing more until this window is in
+        for index in asked[-1]:
+            content = t.on_chunk(digest, index, data[index * 64 : (index + 1) * 64], now)
+        if content is None:
+            (request,) = t.due(now)  # due at once, without waiting for a stall
+            assert request.chunks is not None
+            asked.append(request.chunks)
+        now += 0.01
+    assert content == data
+    assert [len(window) for window in asked] == [WINDOW, WINDOW, 10]
