@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import sys
@@ -60,6 +61,17 @@ def _cache_bytes(text: str) -> int:
             f"{text!r} is not a size: use bytes or a unit, e.g. 512Mi, 1Gi, 100M",
             param_hint="--cache-size",
         ) from None
+
+
+def _few_malloc_arenas() -> None:
+    """Cap glibc's per-thread malloc arenas: each task thread would otherwise keep its own,
+    which shows as resident memory long after the task ended."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc
+    m_arena_max = -8
+    libc.mallopt(m_arena_max, 2)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -182,6 +194,7 @@ def main(
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
 
+    _few_malloc_arenas()
     from proplet.agent import Agent, AgentConfig
     from proplet.artifacts import COMPILED_DIR
     from proplet.registry import RegistryPuller

@@ -31,7 +31,6 @@ from typing import IO, TYPE_CHECKING
 
 from proplet.artifacts import TEMP_PREFIX, digest_hex
 from schemas.connection import ENV_REGISTRY_PASSWORD, ENV_REGISTRY_USERNAME
-from schemas.manifests import IMAGE_REFERENCE
 
 if TYPE_CHECKING:
     import requests
@@ -87,6 +86,8 @@ class Repository:
 
 def parse_image(image: str) -> Repository:
     """The repository of ``registry/repository[:tag][@digest]``; InvalidImage otherwise."""
+    from schemas.manifests import IMAGE_REFERENCE  # the manifest models load only here
+
     match = re.match(IMAGE_REFERENCE, image)
     if match is None:
         raise InvalidImage(f"{image!r} is not an OCI reference (registry/repository@digest)")

@@ -155,8 +155,9 @@ class Runtime:
     def __init__(self, cache_dir: Path) -> None:
         self.cache_dir = cache_dir
         cache_dir.mkdir(parents=True, exist_ok=True)
-        self._engines = {metered: _engine(metered) for metered in (False, True)}
-        self._linkers = {metered: _linker(engine) for metered, engine in self._engines.items()}
+        # The metered engine (fuel) is made on first use: most agents never run a fuel limit.
+        self._engines = {False: _engine(False)}
+        self._linkers = {False: _linker(self._engines[False])}
         self._lock = threading.Condition()
         self._active: set[Execution] = set()
         self._ticker: threading.Thread | None = None
@@ -205,7 +206,7 @@ class Runtime:
             return self._prepare(digest, wasm, metered)
 
     def _prepare(self, digest: str, wasm: bytes, metered: bool) -> Prepared:
-        engine = self._engines[metered]
+        engine = self._engine(metered)
         path = self.cache_path(digest, metered)
         module: wasmtime.Module | None = None
         if path.is_file():
@@ -276,6 +277,7 @@ class Runtime:
                 f"module imports {', '.join(foreign)}; only {WASI_MODULE} is provided"
             )
         try:
+            self._engine(metered)
             instance_pre = self._linkers[metered].instantiate_pre(module)
         except wasmtime.WasmtimeError as e:
             raise ModuleError(f"cannot link module: {_cause(e)}") from None
@@ -308,12 +310,18 @@ class Runtime:
         with self._lock:
             self._active.discard(execution)
 
+    def _engine(self, metered: bool) -> wasmtime.Engine:
+        with self._lock:
+            if metered not in self._engines:
+                self._engines[metered] = _engine(metered)
+                self._linkers[metered] = _linker(self._engines[metered])
+            return self._engines[metered]
+
     def _nudge(self, prepared: Prepared) -> None:
         """Run the deadline callbacks of this engine's stores now rather than at the next tick."""
         self._engine_for(prepared).increment_epoch()
 
     def _tick(self) -> None:
-        engines = list(self._engines.values())
         while True:
             with self._lock:
                 # Idle: sleep on the condition, no wake-ups until an execution begins.
@@ -322,6 +330,8 @@ class Runtime:
                 if self._closed and not self._active:
                     return
             time.sleep(TICK_SECONDS)
+            with self._lock:
+                engines = list(self._engines.values())
             for engine in engines:
                 engine.increment_epoch()
 
@@ -352,6 +362,9 @@ def _engine(metered: bool) -> wasmtime.Engine:
     config.consume_fuel = metered
     # Bounded so unbounded recursion fails fast, well inside a worker thread's native stack.
     config.max_wasm_stack = MAX_WASM_STACK
+    # One compile thread: a pool of one per core costs resident memory on every agent, while
+    # modules are compiled once and then loaded from the precompiled cache.
+    config.parallel_compilation = False
     return wasmtime.Engine(config)
 
 
