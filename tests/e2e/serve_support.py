@@ -7,7 +7,6 @@ that serve publishes after every pass.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
@@ -110,17 +109,10 @@ class Serve:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self, timeout: float = 10.0, *, wake: bool = False) -> int | None:
-        """SIGTERM by pid, SIGKILL after ``timeout``; the exit code.
-
-        ``wake`` also posts a signed webhook after the signal: serve notices SIGTERM only when
-        its loop wakes up (see test_sigterm_exits_promptly_with_a_long_interval).
-        """
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM by pid, SIGKILL after ``timeout``; the exit code."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            if wake:
-                with contextlib.suppress(OSError):  # it may be gone already
-                    self.webhook(github_push("refs/heads/main"))
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -67,7 +67,7 @@ def start_serve(broker: Mosquitto, tmp_path: Path) -> Iterator[StartServe]:
         yield start
     finally:
         for serve in started:
-            serve.stop(wake=True)
+            serve.stop()
             print(f"--- serve log ({serve.log_path}), last 6000 characters:\n{serve.log()[-6000:]}")
 
 
