@@ -207,11 +207,16 @@ class Agent:
             if task.run is not None:
                 task.run.stop()
         if self.session.connected:
-            self.session.publish(
+            info = self.session.publish(
                 self.ns.presence(self.config.proplet_id),
                 Presence(proplet=self.config.proplet_id, online=False).encode(),
                 retain=True,
             )
+            # A clean disconnect sends no will: the broker must have this before we leave.
+            try:
+                info.wait_for_publish(timeout=2.0)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("offline presence not confirmed: %s", exc)
         self.session.stop()
         self._workers.shutdown(wait=False, cancel_futures=True)
         self._save_journal()

@@ -186,3 +186,13 @@ def test_capacity_keeps_the_excess_pending(fleet: Fleet) -> None:
     assert pending is not None and pending.reason is not None and "free slot" in pending.reason
     fleet.desire("p1", [task("d1", FOREVER, daemon=True), task("d2", FOREVER, daemon=True)])
     fleet.wait_task("p1", "d2", lambda t: t.state == TaskState.RUNNING)
+
+
+def test_a_clean_stop_marks_the_proplet_offline_before_it_exits(fleet: Fleet) -> None:
+    # A clean disconnect sends no last will: the agent must publish its offline presence itself,
+    # and have it acknowledged, before the process ends (even with a task spinning).
+    p = fleet.start_proplet("p1")
+    fleet.desire("p1", [task("server", FOREVER, daemon=True)])
+    fleet.wait_task("p1", "server", lambda t: t.state == TaskState.RUNNING)
+    assert p.terminate() == 0
+    fleet.wait(lambda o: o.presence.get("p1") is False, timeout=1.0, what="offline presence")
