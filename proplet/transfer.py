@@ -30,6 +30,10 @@ class Assembly:
         self.chunk_size = chunk_size
         self.count = chunk_count(size, chunk_size)
         self._chunks: dict[int, bytes] = {}
+        # Chunks usually arrive in order: hash the contiguous prefix as it grows, so little
+        # hashing is left once the last chunk is in (hashlib releases the GIL meanwhile).
+        self._hasher = hashlib.sha256()
+        self._hashed = 0  # chunks [0, _hashed) are in the hasher
 
     def expected_length(self, index: int) -> int:
         if index == self.count - 1:
@@ -40,7 +44,12 @@ class Assembly:
         """Keep a chunk if it fits; a chunk of the wrong length or index is refused."""
         if not 0 <= index < self.count or len(data) != self.expected_length(index):
             return False
+        if index < self._hashed:
+            return True  # a duplicate of a chunk already hashed: keep the first copy
         self._chunks[index] = data
+        while self._hashed in self._chunks:
+            self._hasher.update(self._chunks[self._hashed])
+            self._hashed += 1
         return True
 
     def missing(self) -> list[int]:
@@ -52,10 +61,9 @@ class Assembly:
 
     def verified(self) -> bytes | None:
         """The whole content if its sha256 matches the digest, else None."""
-        data = b"".join(self._chunks[i] for i in range(self.count))
-        if "sha256:" + hashlib.sha256(data).hexdigest() != self.digest:
+        if not self.complete or "sha256:" + self._hasher.hexdigest() != self.digest:
             return None
-        return data
+        return b"".join(self._chunks[i] for i in range(self.count))
 
 
 @dataclass(slots=True)
