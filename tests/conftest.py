@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -24,10 +24,14 @@ from tests.broker import (
     ProbeClient,
     connect_client,
 )
+from tests.process import ServerProcess
+from tests.registry import REGISTRY_USERS, Registry
+
+S = TypeVar("S", bound=ServerProcess)
 
 
-def _start(directory: Path, **kwargs: Any) -> Iterator[Mosquitto]:
-    server = Mosquitto(directory, **kwargs)
+def _running(server: S) -> Iterator[S]:
+    """Start ``server`` for a fixture and stop it by its pid afterwards, whatever happened."""
     try:
         server.start()
         yield server
@@ -38,7 +42,7 @@ def _start(directory: Path, **kwargs: Any) -> Iterator[Mosquitto]:
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     """A plain anonymous Mosquitto on 127.0.0.1, started for this test and stopped after it."""
-    yield from _start(tmp_path / "mosquitto")
+    yield from _running(Mosquitto(tmp_path / "mosquitto"))
 
 
 @pytest.fixture
@@ -48,13 +52,15 @@ def secure_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     alice may read and write only `m/dom-a/c/ch-a/#`, bob only `m/dom-b/c/ch-b/#`;
     anonymous clients are refused.
     """
-    yield from _start(tmp_path / "mosquitto-secure", users=SECURE_USERS, acl=SECURE_ACL, tls=True)
+    yield from _running(
+        Mosquitto(tmp_path / "mosquitto-secure", users=SECURE_USERS, acl=SECURE_ACL, tls=True)
+    )
 
 
 @pytest.fixture(scope="session")
 def shared_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     """One anonymous broker for the whole session: never stop or restart it in a test."""
-    yield from _start(tmp_path_factory.mktemp("mosquitto-shared"))
+    yield from _running(Mosquitto(tmp_path_factory.mktemp("mosquitto-shared")))
 
 
 @pytest.fixture
@@ -79,25 +85,14 @@ def mqtt_client() -> Iterator[ClientFactory]:
 
 # -- OCI registries (CNCF distribution 2.8, `docker-registry`) -------------------------------
 
-from tests.registry import REGISTRY_USERS, Registry  # noqa: E402
-
-
-def _start_registry(directory: Path, **kwargs: Any) -> Iterator[Registry]:
-    server = Registry(directory, **kwargs)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()  # SIGTERM to its pid, SIGKILL after a bound; reaps it
-
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[Registry]:
     """An anonymous OCI registry on 127.0.0.1 (plain HTTP; `.address` is "127.0.0.1:PORT")."""
-    yield from _start_registry(tmp_path / "registry")
+    yield from _running(Registry(tmp_path / "registry"))
 
 
 @pytest.fixture
 def auth_registry(tmp_path: Path) -> Iterator[Registry]:
     """An OCI registry that needs HTTP basic auth: user alice, password alice-pass."""
-    yield from _start_registry(tmp_path / "registry-auth", users=REGISTRY_USERS)
+    yield from _running(Registry(tmp_path / "registry-auth", users=REGISTRY_USERS))
