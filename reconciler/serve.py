@@ -259,9 +259,14 @@ class Server:
         return live.alive, live.lost
 
     def _observe(self) -> ObservedState:
+        """The fleet as a pass plans with it; remembers the liveness the pass used."""
+        return self._observed(plan=True)
+
+    def _observed(self, *, plan: bool = False) -> ObservedState:
         def judge(data: FleetData) -> ObservedState:
             live = self._liveness(data)
-            self._passed_liveness = (live.alive, live.lost)
+            if plan:
+                self._passed_liveness = (live.alive, live.lost)
             desired = {**self._restore_sets, **data.desired}
             return ObservedState.from_messages(data.reported, desired, live.alive, live.lost)
 
@@ -374,7 +379,7 @@ class Server:
             for outcome in result.outcomes:
                 m.actions.inc(outcome=outcome.outcome)
         if self._connected:
-            observed = self._observe()
+            observed = self._observed()
             m.proplets_alive.set(sum(1 for p in observed.proplets.values() if p.alive))
             states = Counter(row.state for row in self.view.read(task_rows))
             m.tasks.replace({(state,): float(n) for state, n in states.items()})
@@ -390,7 +395,7 @@ class Server:
 
     def status(self) -> ReconcilerStatus:
         rows = self.view.read(task_rows)
-        observed = self._observe()
+        observed = self._observed()
         alive = sum(1 for p in observed.proplets.values() if p.alive)
         return ReconcilerStatus(
             reconciler=issuer(),
