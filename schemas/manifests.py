@@ -290,7 +290,137 @@ class Task(Manifest):
     spec: TaskSpec
 
 
-MANIFESTS: tuple[type[Manifest], ...] = (Task,)
+HYPERPARAM_NAME = r"^[a-z][a-z0-9_]{0,31}$"
+RESERVED_HYPERPARAMS = frozenset({"round", "seed", "mode", "job"})
+HyperparamName = Annotated[
+    str,
+    _matching(HYPERPARAM_NAME, "a hyperparameter name (lower-case letters, digits and '_')"),
+    _pattern_schema(HYPERPARAM_NAME),
+]
+MAX_MODEL_PARAMETERS = 256 * 1024 * 1024  # 1 GiB of float32
+
+
+class ModelSource(Strict):
+    """The initial global model: a ``.npy`` file in the repository, or a shape to initialise."""
+
+    file: RepoPath | None = Field(
+        default=None, description="a float32 .npy file, read at the same commit"
+    )
+    shape: list[Annotated[int, Field(ge=1)]] | None = Field(
+        default=None, min_length=1, max_length=8, description="dimensions of a new model"
+    )
+    init: Literal["zeros", "normal", "uniform"] = Field(
+        default="zeros", description="how a new model is filled (seeded by spec.seed)"
+    )
+    scale: float = Field(default=0.01, ge=0, le=1e6, description="spread of normal or uniform")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSource:
+        if (self.file is None) == (self.shape is None):
+            raise ValueError("give exactly one of 'file' or 'shape'")
+        if self.shape is not None:
+            total = 1
+            for dimension in self.shape:
+                total *= dimension
+            if total > MAX_MODEL_PARAMETERS:
+                raise ValueError(
+                    f"a model of {total} parameters is more than {MAX_MODEL_PARAMETERS}"
+                )
+        return self
+
+
+class Clients(Strict):
+    """Which proplets train, and how many of them each round."""
+
+    runtime: Literal["wasmtime", "wamr", "any"] = "wasmtime"
+    selector: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, description="labels a client proplet must all have"
+    )
+    min: int = Field(default=1, ge=1, le=1024, description="updates a round needs to count")
+    fraction: float = Field(
+        default=1.0, gt=0, le=1, description="share of the live matching proplets asked per round"
+    )
+
+
+class Aggregation(Strict):
+    method: Literal["fedavg", "median", "trimmed-mean"] = Field(
+        default="fedavg",
+        description="fedavg: mean weighted by sample count; median and trimmed-mean: per"
+        " coordinate, robust to a few bad clients",
+    )
+    trim: float = Field(
+        default=0.1, ge=0, lt=0.5, description="trimmed-mean: fraction cut at each end"
+    )
+
+
+class Target(Strict):
+    """Stop early once the evaluation metric reaches this value."""
+
+    metric: Literal["accuracy", "loss"] = "accuracy"
+    value: float
+
+
+class UpdateBounds(Strict):
+    max_norm: float | None = Field(
+        default=None,
+        gt=0,
+        alias="maxNorm",
+        description="largest L2 norm of (local model - global model) accepted",
+    )
+
+
+class Evaluation(Strict):
+    """A data directory in the repository the coordinator evaluates each new model on."""
+
+    data: RepoPath = Field(description="directory mounted read-only at /data for evaluation")
+    limits: Limits = Field(default_factory=Limits)
+
+
+class FederatedJobSpec(Strict):
+    trainer: Module
+    model: ModelSource
+    rounds: int = Field(ge=1, le=100_000)
+    clients: Clients = Field(default_factory=Clients)
+    round_timeout: Duration = Field(
+        default=300_000, alias="roundTimeout", description="longest a round waits for updates"
+    )
+    wait_timeout: Duration = Field(
+        default=600_000,
+        alias="waitTimeout",
+        description="longest the job waits for 'min' live clients before it fails",
+    )
+    aggregation: Aggregation = Field(default_factory=Aggregation)
+    hyperparams: dict[HyperparamName, str | int | float | bool] = Field(
+        default_factory=dict, description="passed to the trainer as FL_<NAME> variables"
+    )
+    target: Target | None = None
+    update_bounds: UpdateBounds = Field(default_factory=UpdateBounds, alias="updateBounds")
+    evaluation: Evaluation | None = None
+    seed: int = Field(default=0, ge=0, le=2**53 - 1)
+    limits: Limits = Field(default_factory=Limits)
+
+    @model_validator(mode="after")
+    def _names(self) -> FederatedJobSpec:
+        reserved = sorted(RESERVED_HYPERPARAMS & set(self.hyperparams))
+        if reserved:
+            raise ValueError(
+                f"hyperparams {', '.join(reserved)} are set by the coordinator; rename them"
+            )
+        if self.target is not None and self.evaluation is None:
+            raise ValueError("a 'target' needs an 'evaluation' to measure it")
+        return self
+
+
+class FederatedJob(Manifest):
+    """Federated training: rounds of local training in Wasm on proplets, aggregated centrally."""
+
+    KIND: ClassVar[str] = "FederatedJob"
+
+    kind: Literal["FederatedJob"]
+    spec: FederatedJobSpec
+
+
+MANIFESTS: tuple[type[Manifest], ...] = (Task, FederatedJob)
 KINDS: Mapping[str, type[Manifest]] = {model.KIND: model for model in MANIFESTS}
 
 

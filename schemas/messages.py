@@ -97,6 +97,24 @@ class Presence(Message):
     online: bool
 
 
+FileName = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description="a plain file name: 1-63 letters, digits, '.', '_' or '-'",
+    ),
+]
+MAX_TASK_FILES = 8
+
+
+class ArtifactRef(Message):
+    """A file that travels by digest over the chunked transfer: a task's input or output."""
+
+    name: FileName
+    digest: Digest
+    size: int = Field(ge=0, le=2**32)
+
+
 class DesiredTask(Message):
     """One task as the proplet must hold it. Limits are flat so a board can read them simply."""
 
@@ -122,6 +140,17 @@ class DesiredTask(Message):
         default=None, ge=1, le=MAX_INT, description="wall-clock limit per run"
     )
     fuel: int | None = Field(default=None, ge=1, le=MAX_INT, description="instruction fuel per run")
+    inputs: list[ArtifactRef] | None = Field(
+        default=None,
+        max_length=MAX_TASK_FILES,
+        description="artifacts fetched like the module and readable at /in/{name}",
+    )
+    outputs: int | None = Field(
+        default=None,
+        ge=1,
+        le=2**31,
+        description="bytes a run may write under /out; its files are uploaded after the run",
+    )
 
 
 class DesiredSet(Message):
@@ -181,6 +210,11 @@ class TaskResult(Message):
     stderr: str = ""
     truncated: bool = False
     error: str | None = Field(default=None, max_length=4096)
+    outputs: list[ArtifactRef] | None = Field(
+        default=None,
+        max_length=MAX_TASK_FILES,
+        description="files the run wrote under /out, uploaded before this result",
+    )
 
 
 class ArtifactRequest(Message):
@@ -227,6 +261,59 @@ class ReconcilerStatus(Message):
     ts: Timestamp
 
 
+class JobPhase(StrEnum):
+    WAITING = "Waiting"  # for enough live clients; ``reason`` says why
+    RUNNING = "Running"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+
+
+class RoundRecord(Message):
+    """One finished round of a federated job."""
+
+    round: int = Field(ge=1, le=MAX_INT)
+    selected: list[PropletId] = Field(default_factory=list)
+    participants: list[PropletId] = Field(
+        default_factory=list, description="whose updates were aggregated"
+    )
+    rejected: dict[str, Annotated[str, Field(max_length=512)]] = Field(
+        default_factory=dict, description="proplet -> why its update was refused"
+    )
+    missing: list[PropletId] = Field(
+        default_factory=list, description="selected, but no update before the round closed"
+    )
+    samples: int = Field(default=0, ge=0, le=MAX_INT)
+    train_loss: float | None = None
+    loss: float | None = Field(default=None, description="evaluation loss of the new model")
+    accuracy: float | None = Field(default=None, description="evaluation accuracy")
+    seconds: float = Field(ge=0, description="wall time of the round")
+    training_seconds: float = Field(
+        default=0.0, ge=0, description="the slowest participant's run time"
+    )
+    model: Digest
+
+
+class JobStatus(Message):
+    """Where a federated job stands. Retained, QoS 1, rewritten by its coordinator."""
+
+    job: TaskName
+    coordinator: str = Field(max_length=256)
+    revision: str | None = Field(default=None, max_length=80)
+    spec_hash: str = Field(max_length=80, description="the job spec the state belongs to")
+    phase: JobPhase
+    round: int = Field(ge=0, le=MAX_INT, description="the round in progress or last finished")
+    rounds: int = Field(ge=1, le=MAX_INT)
+    reason: str | None = Field(default=None, max_length=4096)
+    model: Digest
+    history: list[RoundRecord] = Field(
+        default_factory=list,
+        max_length=100,
+        description="the most recent rounds, oldest first; the state directory keeps them all",
+    )
+    started_at: Timestamp
+    updated_at: Timestamp
+
+
 MESSAGES: tuple[type[Message], ...] = (
     Announce,
     Heartbeat,
@@ -237,6 +324,7 @@ MESSAGES: tuple[type[Message], ...] = (
     ArtifactRequest,
     ArtifactOffer,
     ReconcilerStatus,
+    JobStatus,
 )
 
 M = TypeVar("M", bound=Message)

@@ -43,6 +43,9 @@ class Kind(StrEnum):
     ARTIFACT_CHUNK = "chunk"
     ARTIFACT_REQUEST = "request"
     STATUS = "status"
+    UPLOAD_OFFER = "upload-offer"
+    UPLOAD_CHUNK = "upload-chunk"
+    JOB_STATUS = "job-status"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,7 @@ class Parsed:
     task: str = ""
     digest_hex: str = ""
     index: int = -1
+    job: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +104,17 @@ class Namespace:
             raise TopicError(f"chunk index must be >= 0, got {index}")
         return f"{self.proplet_root(proplet)}/artifacts/{_check_hex(digest_hex)}/{index}"
 
+    def upload_offer(self, proplet: str, digest_hex: str) -> str:
+        return f"{self.proplet_root(proplet)}/uploads/{_check_hex(digest_hex)}/offer"
+
+    def upload_chunk(self, proplet: str, digest_hex: str, index: int) -> str:
+        if index < 0:
+            raise TopicError(f"chunk index must be >= 0, got {index}")
+        return f"{self.proplet_root(proplet)}/uploads/{_check_hex(digest_hex)}/{index}"
+
+    def job_status(self, job: str) -> str:
+        return f"{self.root}/jobs/{check_segment('job name', job)}/status"
+
     def artifact_request(self) -> str:
         return f"{self.root}/artifacts/request"
 
@@ -118,6 +133,13 @@ class Namespace:
     def fleet_results(self) -> str:
         return f"{self.root}/proplets/+/results/+"
 
+    def fleet_uploads(self) -> str:
+        """Every proplet's uploads: the files its runs wrote, for a job coordinator."""
+        return f"{self.root}/proplets/+/uploads/#"
+
+    def jobs(self) -> str:
+        return f"{self.root}/jobs/+/status"
+
     def parse(self, topic: str) -> Parsed:
         """Take a topic of this namespace apart, or raise ``TopicError``."""
         prefix = self.root + "/"
@@ -128,6 +150,8 @@ class Namespace:
             return Parsed(Kind.ARTIFACT_REQUEST)
         if parts == ["reconciler", "status"]:
             return Parsed(Kind.STATUS)
+        if len(parts) == 3 and parts[0] == "jobs" and parts[2] == "status":
+            return Parsed(Kind.JOB_STATUS, job=check_segment("job name", parts[1]))
         if len(parts) < 3 or parts[0] != "proplets":
             raise TopicError(f"unknown topic {topic!r}")
         proplet = check_segment("proplet id", parts[1])
@@ -141,14 +165,15 @@ class Namespace:
                 return Parsed(kind, proplet=proplet)
         elif len(rest) == 2 and rest[0] == "results":
             return Parsed(Kind.RESULT, proplet=proplet, task=check_segment("task name", rest[1]))
-        elif len(rest) == 3 and rest[0] == "artifacts":
+        elif len(rest) == 3 and rest[0] in ("artifacts", "uploads"):
             digest_hex = _check_hex(rest[1])
+            upload = rest[0] == "uploads"
             if rest[2] == "offer":
-                return Parsed(Kind.ARTIFACT_OFFER, proplet=proplet, digest_hex=digest_hex)
+                kind = Kind.UPLOAD_OFFER if upload else Kind.ARTIFACT_OFFER
+                return Parsed(kind, proplet=proplet, digest_hex=digest_hex)
             if rest[2].isdigit() and len(rest[2]) <= 9:
-                return Parsed(
-                    Kind.ARTIFACT_CHUNK, proplet=proplet, digest_hex=digest_hex, index=int(rest[2])
-                )
+                kind = Kind.UPLOAD_CHUNK if upload else Kind.ARTIFACT_CHUNK
+                return Parsed(kind, proplet=proplet, digest_hex=digest_hex, index=int(rest[2]))
         raise TopicError(f"unknown topic {topic!r}")
 
 

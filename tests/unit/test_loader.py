@@ -107,7 +107,7 @@ def problems_of(files: dict[str, bytes]) -> list[tuple[str, int, str]]:
         (
             "unknown kind",
             HELLO.replace(b"kind: Task", b"kind: Pod"),
-            [(2, "unknown kind 'Pod' (known kinds: Task)")],
+            [(2, "unknown kind 'Pod' (known kinds: FederatedJob, Task)")],
         ),
         (
             "wrong apiVersion",
@@ -117,7 +117,7 @@ def problems_of(files: dict[str, bytes]) -> list[tuple[str, int, str]]:
         (
             "missing kind",
             HELLO.replace(b"kind: Task\n", b""),
-            [(1, "missing required field 'kind' (one of: Task)")],
+            [(1, "missing required field 'kind' (one of: FederatedJob, Task)")],
         ),
         (
             "not utf-8",

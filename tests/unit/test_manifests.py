@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from schemas import export
 from schemas.manifests import (
     KINDS,
+    FederatedJob,
     KindError,
     Task,
     fields_of,
@@ -345,9 +346,9 @@ def test_args_are_limited_like_the_wire() -> None:
     [
         ({"apiVersion": None}, "apiVersion", "missing required field 'apiVersion' (propeller/v1)"),
         ({"apiVersion": "v1"}, "apiVersion", "apiVersion must be propeller/v1, got 'v1'"),
-        ({"kind": None}, "kind", "missing required field 'kind' (one of: Task)"),
-        ({"kind": "Pod"}, "kind", "unknown kind 'Pod' (known kinds: Task)"),
-        ({"kind": 3}, "kind", "unknown kind 3 (known kinds: Task)"),
+        ({"kind": None}, "kind", "missing required field 'kind' (one of: FederatedJob, Task)"),
+        ({"kind": "Pod"}, "kind", "unknown kind 'Pod' (known kinds: FederatedJob, Task)"),
+        ({"kind": 3}, "kind", "unknown kind 3 (known kinds: FederatedJob, Task)"),
     ],
 )
 def test_kind_selection_errors(change: dict[str, Any], field: str, message: str) -> None:
@@ -363,7 +364,7 @@ def test_kind_selection_errors(change: dict[str, Any], field: str, message: str)
 
 
 def test_kinds_registry() -> None:
-    assert dict(KINDS) == {"Task": Task}
+    assert dict(KINDS) == {"Task": Task, "FederatedJob": FederatedJob}
     assert model_for(task_doc()) is Task
 
 
@@ -393,7 +394,7 @@ def test_exported_manifest_schemas() -> None:
     assert {choice["type"] for choice in memory} == {"integer", "string"}
     assert "?P<" not in files["task.schema.json"]  # JSON Schema regexes have no named groups
     anything = json.loads(files["manifest.schema.json"])
-    assert anything["oneOf"] == [{"$ref": "#/$defs/Task"}]
+    assert anything["oneOf"] == [{"$ref": "#/$defs/Task"}, {"$ref": "#/$defs/FederatedJob"}]
     assert "TaskSpec" in anything["$defs"]
     for name in ("task.schema.json", "manifest.schema.json"):
         assert (export.JSON_DIR / name).read_text() == files[name], f"{name} is stale"

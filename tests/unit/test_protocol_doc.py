@@ -36,6 +36,12 @@ def test_every_topic_kind_is_documented() -> None:
             pattern = r"artifacts/\{hex\}/\{index\}"
         elif kind is Kind.ARTIFACT_REQUEST:
             pattern = r"`artifacts/request`"
+        elif kind is Kind.UPLOAD_OFFER:
+            pattern = r"uploads/\{hex\}/offer"
+        elif kind is Kind.UPLOAD_CHUNK:
+            pattern = r"uploads/\{hex\}/\{index\}"
+        elif kind is Kind.JOB_STATUS:
+            pattern = r"`jobs/\{job\}/status`"
         else:
             pattern = rf"/{kind.value}[`/]"
         if re.search(pattern, DOC):
