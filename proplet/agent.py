@@ -14,20 +14,29 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from proplet import __version__
+from proplet import __version__, files
 from proplet.artifacts import ArtifactStore, DigestMismatch
 from proplet.journal import Journal, Memory, TaskMemory
 from proplet.registry import Backoff, Pull, Pulls, RegistryError, RegistryPuller
-from proplet.runtime import Execution, Invocation, Limits, ModuleError, Outcome, Runtime
+from proplet.runtime import (
+    Execution,
+    Invocation,
+    Limits,
+    ModuleError,
+    Outcome,
+    Runtime,
+    Status,
+)
 from proplet.session import Session
 from proplet.transfer import Timing, Transfers
 from schemas.connection import BrokerSettings
 from schemas.messages import (
     Announce,
     ArtifactOffer,
+    ArtifactRef,
     ArtifactRequest,
     DecodeError,
     DesiredSet,
@@ -84,6 +93,11 @@ class AgentConfig:
     def artifact_dir(self) -> Path:
         return self.cache_dir or (self.data_dir / "cache")
 
+    @property
+    def runs_dir(self) -> Path:
+        """Per-run workspaces: the inputs staged for /in and the directory behind /out."""
+        return self.data_dir / "runs"
+
 
 class Run:
     """One execution attempt, shared between the agent thread and its worker thread."""
@@ -101,6 +115,11 @@ class Run:
         with self._lock:
             self._execution = execution
             return not self._stop_requested
+
+    @property
+    def stop_requested(self) -> bool:
+        with self._lock:
+            return self._stop_requested
 
     def stop(self) -> None:
         with self._lock:
@@ -185,6 +204,7 @@ class Agent:
     def run(self) -> None:
         self._restore()
         self.store.trim()  # the bound may have shrunk since the last run
+        files.clear(self.config.runs_dir)
         self.session.start()
         self._next_heartbeat = self.monotonic()
         self._schedule()
@@ -353,9 +373,7 @@ class Agent:
         self.tasks.pop(name, None)
         self.memory.tasks.pop(name, None)
         self.session.publish(self.ns.result(self.config.proplet_id, name), b"", retain=True)
-        if not any(t.spec.digest == task.spec.digest for t in self.tasks.values()):
-            self.transfers.drop(task.spec.digest)
-            self.pulls.drop(task.spec.digest)
+        self._drop_fetches(task.spec)
         self._dirty = True
 
     def _replace(self, task: Task, spec: DesiredTask) -> None:
@@ -369,7 +387,20 @@ class Agent:
         memory = TaskMemory(spec_hash=spec.spec_hash)
         self.memory.tasks[spec.name] = memory
         self.tasks[spec.name] = Task(spec=spec, memory=memory)
+        self._drop_fetches(task.spec)
         self._dirty = True
+
+    def _drop_fetches(self, old: DesiredTask) -> None:
+        """Stop fetching the artifacts of ``old`` that no task needs any more."""
+        needed: set[str] = set()
+        for task in self.tasks.values():
+            needed.update(_artifacts(task.spec))
+            if task.replacement is not None:
+                needed.update(_artifacts(task.replacement))
+        for digest in _artifacts(old):
+            if digest not in needed:
+                self.transfers.drop(digest)
+                self.pulls.drop(digest)
 
     # Artifacts.
     def _on_offer(self, offer: ArtifactOffer) -> None:
@@ -412,9 +443,9 @@ class Agent:
             if task.run is not None or (
                 not task.removing and (task.spec.daemon or task.memory.finished is None)
             ):
-                pinned.add(task.spec.digest)
+                pinned.update(_artifacts(task.spec))
             if task.replacement is not None:
-                pinned.add(task.replacement.digest)
+                pinned.update(_artifacts(task.replacement))
         return pinned
 
     def _fetch(self, task: Task, now: float) -> None:
@@ -433,6 +464,27 @@ class Agent:
         state = TaskState.FAILED if pull.permanent else TaskState.PENDING
         if (task.state, task.reason) != (state, reason):
             task.state, task.reason = state, reason
+            self._dirty = True
+
+    def _fetch_inputs(self, task: Task, now: float) -> list[ArtifactRef]:
+        """Start fetching the task's missing inputs over MQTT; returns those still missing."""
+        missing = [ref for ref in task.spec.inputs or () if not self.store.has(ref.digest)]
+        for ref in missing:
+            request = self.transfers.want(ref.digest, None, now, ref.size)
+            if request is not None:
+                self._send_request(request)
+        return missing
+
+    def _show_input_wait(self, task: Task, ref: ArtifactRef) -> None:
+        wanted = self.transfers.waiting(ref.digest)
+        if wanted is not None and wanted.error is not None:
+            reason = f"input {ref.name} unavailable: {wanted.error} (retrying)"
+        else:
+            attempt = wanted.attempt if wanted is not None else 1
+            # Starts like a module's wait, so a reconciler sees the task still needs artifacts.
+            reason = f"waiting for artifact {ref.digest} (input {ref.name}, request {attempt})"
+        if (task.state, task.reason) != (TaskState.PENDING, reason):
+            task.state, task.reason = TaskState.PENDING, reason
             self._dirty = True
 
     def _start_pull(self, pull: Pull) -> None:
@@ -491,8 +543,15 @@ class Agent:
             task = self.tasks[name]
             if not self._should_run(task, now):
                 continue
-            if not self.store.has(task.spec.digest):
+            # The module and the inputs are fetched side by side.
+            module_ready = self.store.has(task.spec.digest)
+            if not module_ready:
                 self._fetch(task, now)
+            missing = self._fetch_inputs(task, now)
+            if not module_ready:
+                continue
+            if missing:
+                self._show_input_wait(task, missing[0])
                 continue
             if running >= self.config.max_tasks:
                 reason = f"waiting for a free slot ({self.config.max_tasks} tasks running)"
@@ -500,7 +559,9 @@ class Agent:
                     task.state, task.reason = TaskState.PENDING, reason
                     self._dirty = True
                 continue
-            self.store.touch(task.spec.digest)  # a run is a use: least recently run goes first
+            # A run is a use: least recently run goes first.
+            for digest in _artifacts(task.spec):
+                self.store.touch(digest)
             self._start(task)
             running += 1
         for pull in self.pulls.due(now):
@@ -523,44 +584,35 @@ class Agent:
         self._workers.submit(self._work, task.spec, run)
 
     def _work(self, spec: DesiredTask, run: Run) -> None:
+        outputs: list[ArtifactRef] | None = None  # set once a completed run's are uploaded
+        workspace: files.Workspace | None = None
         try:
-            metered = spec.fuel is not None
-            prepared = self.runtime.cached(spec.digest, metered=metered)
-            if prepared is None:
-                wasm = self.store.read(spec.digest)
-                if wasm is None:
-                    raise ModuleError(f"artifact {spec.digest} vanished from the cache")
-                prepared = self.runtime.prepare(spec.digest, wasm, metered=metered)
-            guest = self.config.guest_data_dir
-            execution = self.runtime.execution(
-                prepared,
-                Invocation(
-                    function=spec.function,
-                    args=tuple(spec.args),
-                    env=dict(spec.env),
-                    stdin=spec.stdin,
-                    data_dir=guest if guest.is_dir() else None,
-                    name=spec.name,
-                ),
-                Limits(
-                    memory=spec.memory,
-                    timeout_ms=spec.timeout_ms,
-                    fuel=spec.fuel,
-                    output_bytes=self.config.output_bytes,
-                ),
-            )
-            outcome = (
-                execution.run()
-                if run.attach(execution)
-                else Outcome(status="stopped", error="stopped before it started")
-            )
-        except ModuleError as exc:
+            if spec.inputs or spec.outputs is not None:
+                workspace = files.stage(
+                    self.config.runs_dir,
+                    f"{spec.name}.{run.id}",
+                    [(ref.name, self.store.path(ref.digest)) for ref in spec.inputs or ()],
+                    outputs=spec.outputs is not None,
+                )
+            outcome = self._execute(spec, run, workspace)
+            if (
+                outcome.status == "completed"
+                and spec.outputs is not None
+                and workspace is not None
+                and workspace.outputs is not None
+            ):
+                outcome, outputs = self._upload_outputs(spec, run, workspace.outputs, outcome)
+        except (ModuleError, files.FilesError) as exc:
             outcome = Outcome(status="failed", error=str(exc))
         except Exception as exc:
             log.exception("task %s: unexpected failure", spec.name)
             outcome = Outcome(status="failed", error=f"internal error: {exc}")
+        finally:
+            if workspace is not None:
+                workspace.remove()
         # Published from here, not from the agent thread: a short task's result goes out
         # without waiting for a thread hop. The agent learns of it through the queue.
+        # Its uploads were handed to the session first, so they reach the broker before it.
         result = TaskResult(
             proplet=self.config.proplet_id,
             task=spec.name,
@@ -575,10 +627,75 @@ class Agent:
             stderr=outcome.stderr,
             truncated=outcome.truncated,
             error=outcome.error[:4096] if outcome.error else None,
+            outputs=outputs,
         )
         self.session.publish(self.ns.result(self.config.proplet_id, spec.name), result.encode(),
                              retain=True)  # fmt: skip
         self._events.put(("finished", spec.name, run.id, outcome, result))
+
+    def _execute(self, spec: DesiredTask, run: Run, workspace: files.Workspace | None) -> Outcome:
+        metered = spec.fuel is not None
+        prepared = self.runtime.cached(spec.digest, metered=metered)
+        if prepared is None:
+            wasm = self.store.read(spec.digest)
+            if wasm is None:
+                raise ModuleError(f"artifact {spec.digest} vanished from the cache")
+            prepared = self.runtime.prepare(spec.digest, wasm, metered=metered)
+        guest = self.config.guest_data_dir
+        execution = self.runtime.execution(
+            prepared,
+            Invocation(
+                function=spec.function,
+                args=tuple(spec.args),
+                env=dict(spec.env),
+                stdin=spec.stdin,
+                data_dir=guest if guest.is_dir() else None,
+                inputs_dir=workspace.inputs if workspace is not None else None,
+                outputs_dir=workspace.outputs if workspace is not None else None,
+                name=spec.name,
+            ),
+            Limits(
+                memory=spec.memory,
+                timeout_ms=spec.timeout_ms,
+                fuel=spec.fuel,
+                output_bytes=self.config.output_bytes,
+            ),
+        )
+        if not run.attach(execution):
+            return Outcome(status="stopped", error="stopped before it started")
+        return execution.run()
+
+    def _upload_outputs(
+        self, spec: DesiredTask, run: Run, directory: Path, outcome: Outcome
+    ) -> tuple[Outcome, list[ArtifactRef] | None]:
+        """Collect and upload what a completed run wrote under /out; a fault fails the run."""
+        assert spec.outputs is not None
+        started = time.monotonic()
+        try:
+            written = files.collect(directory, spec.outputs)
+            for file in written:
+                files.upload(
+                    file,
+                    self.ns,
+                    self.config.proplet_id,
+                    self.session.publish,
+                    stopped=lambda: run.stop_requested,
+                )
+        except files.FilesError as exc:
+            status: Status = "stopped" if run.stop_requested else "failed"
+            return replace(outcome, status=status, error=str(exc)), None
+        except OSError as exc:
+            error = f"outputs: cannot read them: {exc}"
+            return replace(outcome, status="failed", error=error), None
+        if written:
+            log.info(
+                "task %s: uploaded %d output(s), %d bytes, in %.1f ms",
+                spec.name,
+                len(written),
+                sum(f.size for f in written),
+                (time.monotonic() - started) * 1e3,
+            )
+        return outcome, [file.ref() for file in written]
 
     def _on_finished(self, name: str, run_id: int, outcome: Outcome, result: TaskResult) -> None:
         task = self.tasks.get(name)
@@ -742,3 +859,8 @@ def _summary(outcome: Outcome) -> str | None:
     else:
         return None
     return text[:SUMMARY_CHARS]
+
+
+def _artifacts(spec: DesiredTask) -> list[str]:
+    """Digests a task needs before it can run: its module, then its inputs."""
+    return [spec.digest, *(ref.digest for ref in spec.inputs or ())]

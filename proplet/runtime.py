@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 WASI_MODULE = "wasi_snapshot_preview1"
 DATA_GUEST_PATH = "/data"
+INPUTS_GUEST_PATH = "/in"
+OUTPUTS_GUEST_PATH = "/out"
 MAX_WASM_STACK = 512 * 1024
 TICK_SECONDS = 0.005
 PREPARED_IN_MEMORY = 64  # prepared modules kept in memory, least recently used dropped first
@@ -77,6 +79,8 @@ class Invocation:
     stdin: str | None = None
     data_dir: Path | None = None  # preopened read-only at /data
     name: str = "main"  # argv[0]
+    inputs_dir: Path | None = None  # preopened read-only at /in
+    outputs_dir: Path | None = None  # preopened read-write at /out
 
 
 @dataclass(frozen=True, slots=True)
@@ -625,8 +629,13 @@ class Execution:
             _set_stdin_bytes(config, inv.stdin.encode())
         config.stdout_custom = stdout
         config.stderr_custom = stderr
+        # The third argument says whether the guest may modify the directory and its files.
         if inv.data_dir is not None:
             config.preopen_dir(str(inv.data_dir), DATA_GUEST_PATH, False)
+        if inv.inputs_dir is not None:
+            config.preopen_dir(str(inv.inputs_dir), INPUTS_GUEST_PATH, False)
+        if inv.outputs_dir is not None:
+            config.preopen_dir(str(inv.outputs_dir), OUTPUTS_GUEST_PATH, True)
         return config
 
     def _describe(
