@@ -216,10 +216,12 @@ def validate(output: str, verbose: int, **kw: Any) -> None:
         raise
     if output == "json":
         click.echo(_json({"valid": True, "revision": revision.id, "tasks": len(desired.tasks),
-                          "files": sorted(revision.files)}), nl=False)  # fmt: skip
+                          "jobs": len(desired.jobs), "files": sorted(revision.files)}),
+                   nl=False)  # fmt: skip
     else:
+        jobs = f" and {len(desired.jobs)} federated job(s)" if desired.jobs else ""
         click.echo(
-            f"valid: {len(desired.tasks)} task(s) in {len(revision.files)} file(s)"
+            f"valid: {len(desired.tasks)} task(s){jobs} in {len(revision.files)} file(s)"
             f" at {revision.short}"
         )
 
@@ -292,16 +294,23 @@ def _diff_line(action: Action) -> str:
     "--prune", is_flag=True, help="Stop tasks removed from Git (only those propctl owns)."
 )
 @click.option("--dry-run", is_flag=True, help="Plan and print, send nothing.")
-@click.option("--wait", is_flag=True, help="Wait until every task is Running or Completed.")
+@click.option(
+    "--wait", is_flag=True,
+    help="Wait until every task is Running or Completed, and run federated jobs to their end.",
+)  # fmt: skip
 @click.option("--timeout", default="60s", show_default=True, help="How long to wait.")
+@click.option(
+    "--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Where federated jobs keep their checkpoints (default: in the cache directory).",
+)  # fmt: skip
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @insecure_registry_option
 @output_option("text", "json")
 @verbose_option
 @handle_errors
 def apply(
-    prune: bool, dry_run: bool, wait: bool, timeout: str, quiet: bool, insecure_registry: bool,
-    output: str, verbose: int, **kw: Any,
+    prune: bool, dry_run: bool, wait: bool, timeout: str, state_dir: Path | None, quiet: bool,
+    insecure_registry: bool, output: str, verbose: int, **kw: Any,
 ) -> None:  # fmt: skip
     """Run one reconcile pass: publish the desired set of every proplet whose set changed."""
     from reconciler.reconcile import PassOptions, reconcile
@@ -313,7 +322,7 @@ def apply(
         raise Invalid(f"--timeout: {exc}") from None
     options = PassOptions(
         prune=prune, dry_run=dry_run, wait=wait, timeout=seconds, cache_dir=kw["cache_dir"],
-        insecure_registry=insecure_registry,
+        insecure_registry=insecure_registry, state_dir=state_dir,
     )  # fmt: skip
     result = reconcile(make_source(kw), make_settings(kw), options, progress_printer(quiet))
     if output == "json":
@@ -323,6 +332,7 @@ def apply(
             "actions": [_outcome_dict(o) for o in result.outcomes],
             "in_sync": result.in_sync,
             "timings": {k: round(v, 4) for k, v in result.timings.items()},
+            "jobs": [job.model_dump(mode="json") for job in result.jobs],
         }), nl=False)  # fmt: skip
     else:
         from propctl.render import table
@@ -332,6 +342,11 @@ def apply(
             for o in result.outcomes
         ]
         click.echo(table(["action", "task", "proplet", "outcome", "detail"], rows), nl=False)
+        if result.jobs:
+            from propctl.render import job_rows
+
+            click.echo()
+            click.echo(table(*job_rows(result.jobs)), nl=False)
         state = "in sync" if result.in_sync else "not in sync"
         click.echo(f"revision {result.revision[:12]}: {state}", err=True)
     sys.exit(EXIT_DIFFERENCES if result.failed else EXIT_OK)
@@ -342,16 +357,32 @@ def _outcome_dict(outcome: Outcome) -> dict[str, Any]:
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["proplets", "tasks"]))
+@click.argument("kind", type=click.Choice(["proplets", "tasks", "jobs"]))
+@click.argument("name", required=False)
+@click.option(
+    "--chart", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="jobs NAME: also write accuracy and loss per round as an SVG image to this file.",
+)  # fmt: skip
 @fleet_options
 @output_option("table", "json", "yaml")
 @verbose_option
 @handle_errors
-def get(kind: str, output: str, verbose: int, **kw: Any) -> None:
-    """Show live proplets or tasks, read from the broker."""
+def get(
+    kind: str, name: str | None, chart: Path | None, output: str, verbose: int, **kw: Any
+) -> None:
+    """Show live proplets, tasks or federated jobs, read from the broker.
+
+    `get jobs` lists every job; `get jobs NAME` shows that job round by round.
+    """
     from propctl.render import table, to_yaml
     from reconciler.inventory import proplet_rows, task_rows
     from reconciler.reconcile import connected
+
+    if kind == "jobs":
+        _get_jobs(name, chart, output, kw)
+        return
+    if name is not None or chart is not None:
+        raise Invalid("NAME and --chart apply to 'get jobs' only")
 
     with connected(make_settings(kw), results=kind == "tasks") as (_broker, view):
         rows: list[Any] = view.read(task_rows if kind == "tasks" else proplet_rows)
@@ -366,6 +397,40 @@ def get(kind: str, output: str, verbose: int, **kw: Any) -> None:
     else:
         columns = ["id", "alive", "runtime", "labels", "tasks", "max_tasks"]
         click.echo(table(columns, [[r[c] for c in columns] for r in records]), nl=False)
+
+
+def _get_jobs(name: str | None, chart: Path | None, output: str, kw: dict[str, Any]) -> None:
+    from propctl.render import job_rows, round_rows, table, to_yaml
+    from reconciler.broker import Broker
+    from reconciler.coordinator import read_jobs
+
+    with Broker(make_settings(kw)) as broker:
+        jobs = read_jobs(broker)
+    if name is not None:
+        jobs = [job for job in jobs if job.job == name]
+        if not jobs:
+            raise Failed(f"no federated job {name!r}", "see propctl get jobs")
+    if chart is not None:
+        from propctl.chart import job_chart
+
+        if len(jobs) != 1:
+            raise Invalid("--chart needs one job: propctl get jobs NAME --chart FILE.svg")
+        chart.write_text(job_chart(jobs[0]))
+        click.echo(f"wrote {chart}", err=True)
+    records = [job.model_dump(mode="json") for job in jobs]
+    if output == "json":
+        click.echo(_json(records), nl=False)
+    elif output == "yaml":
+        click.echo(to_yaml(records), nl=False)
+    elif name is not None:
+        columns, rows = round_rows(jobs[0])
+        click.echo(table(columns, rows), nl=False)
+        job = jobs[0]
+        line = f"job {job.job}: {job.phase.value}, round {job.round}/{job.rounds}"
+        click.echo(line + (f": {job.reason}" if job.reason else ""), err=True)
+    else:
+        columns, rows = job_rows(jobs)
+        click.echo(table(columns, rows), nl=False)
 
 
 @main.command()

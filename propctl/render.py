@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from schemas.messages import JobStatus
 
 
 def to_json(value: Any) -> str:
@@ -42,3 +45,50 @@ def _cell(value: Any) -> str:
         return ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
     text = str(value).replace("\n", " ")
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _figure(value: float | None) -> str | None:
+    return None if value is None else f"{value:.4f}"
+
+
+def job_rows(jobs: Sequence[JobStatus]) -> tuple[list[str], list[list[Any]]]:
+    """One row per federated job: where it stands and its last round."""
+    columns = ["job", "phase", "round", "participants", "rejected", "loss", "accuracy", "reason"]
+    rows = []
+    for job in jobs:
+        last = job.history[-1] if job.history else None
+        rows.append(
+            [
+                job.job,
+                job.phase.value,
+                f"{job.round}/{job.rounds}",
+                f"{len(last.participants)}/{len(last.selected)}" if last else None,
+                len(last.rejected) if last else None,
+                _figure(last.loss) if last else None,
+                _figure(last.accuracy) if last else None,
+                job.reason,
+            ]
+        )
+    return columns, rows
+
+
+def round_rows(job: JobStatus) -> tuple[list[str], list[list[Any]]]:
+    """One row per round of one job."""
+    columns = [
+        "round", "participants", "rejected", "missing", "train_loss", "loss", "accuracy",
+        "seconds",
+    ]  # fmt: skip
+    rows = [
+        [
+            r.round,
+            f"{len(r.participants)}/{len(r.selected)}",
+            "; ".join(f"{p}: {why}" for p, why in sorted(r.rejected.items())) or None,
+            ",".join(r.missing) or None,
+            _figure(r.train_loss),
+            _figure(r.loss),
+            _figure(r.accuracy),
+            f"{r.seconds:.2f}",
+        ]
+        for r in job.history
+    ]
+    return columns, rows

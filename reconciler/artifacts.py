@@ -48,6 +48,13 @@ class ArtifactServer:
         self._requests.put(None)
         self._thread.join(5)
 
+    def __enter__(self) -> ArtifactServer:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
     def _serve(self) -> None:
         while (payload := self._requests.get()) is not None:
             try:

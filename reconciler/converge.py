@@ -137,8 +137,12 @@ def converge(
     progress: Progress,
     serving: Collection[str] = (),
     dry_run: bool = False,
+    unwatched: Collection[str] = (),
 ) -> tuple[Outcome, ...]:
     """Publish the plan and wait as far as asked; one outcome per action.
+
+    ``unwatched`` names tasks that ``wait`` does not wait for: a federated round's tasks,
+    which their coordinator follows.
 
     Besides the proplets whose set changed, the pass waits for live proplets that still wait
     for a module it serves (they came back after the pass that sent their set): a Git-stored
@@ -179,7 +183,9 @@ def converge(
             if proplet in live_targets and not _caught_up(data, proplet, desired):
                 return False
             if wait and not all(
-                _settled(_status(data, proplet, t), t.daemon) for t in desired.tasks
+                _settled(_status(data, proplet, t), t.daemon)
+                for t in desired.tasks
+                if t.name not in unwatched
             ):
                 return False
         return True

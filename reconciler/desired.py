@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.manifests import TaskSpec
-from schemas.messages import DesiredTask
+from schemas.manifests import FederatedJobSpec, TaskSpec
+from schemas.messages import ArtifactRef, DesiredTask
 
 # Fields that identify a task or are derived from the rest; everything else is hashed.
 _UNHASHED = frozenset({"name", "owner", "spec_hash"})
@@ -45,6 +45,10 @@ class ResolvedTask:
     source_file: str
     line: int
     error: str | None = None
+    # Set for the tasks of a federated round: files in and out, and the proplets it runs on.
+    inputs: tuple[ArtifactRef, ...] = ()
+    outputs: int | None = None
+    among: frozenset[str] | None = None
 
     @property
     def resolved(self) -> bool:
@@ -53,12 +57,41 @@ class ResolvedTask:
 
 
 @dataclass(frozen=True, slots=True)
+class ResolvedJob:
+    """One FederatedJob manifest: its trainer resolved like a task's module.
+
+    ``trainer`` is the template every round's task is made from. ``model`` is the digest and
+    size of the initial model file (``None`` when the spec gives a shape), and ``spec_hash``
+    identifies the job: a new hash is a new job, which starts again from round one.
+    """
+
+    name: str
+    spec: FederatedJobSpec
+    trainer: ResolvedTask
+    spec_hash: str
+    source_file: str
+    line: int
+    model: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DesiredState:
-    """Every task of one revision, sorted by name, and where each module file lives."""
+    """Every task of one revision, sorted by name, and where each module file lives.
+
+    ``retired`` names tasks to remove wherever they run, with the reason, even without prune:
+    the tasks of federated rounds that are over.
+    """
 
     revision: str
     tasks: tuple[ResolvedTask, ...] = ()
     modules: Mapping[str, str] = field(default_factory=dict)  # digest -> repository path
+    jobs: tuple[ResolvedJob, ...] = ()
+    retired: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def all_tasks(self) -> tuple[ResolvedTask, ...]:
+        """The tasks, and the trainer template of every job (resolved the same way)."""
+        return self.tasks + tuple(job.trainer for job in self.jobs)
 
     def task(self, name: str) -> ResolvedTask | None:
         return next((task for task in self.tasks if task.manifest_name == name), None)
@@ -88,6 +121,8 @@ def wire_task(task: ResolvedTask, owner: str) -> DesiredTask:
         "memory": limits.memory,
         "timeout_ms": limits.timeout,
         "fuel": limits.fuel,
+        "inputs": [ref.model_dump() for ref in task.inputs] or None,
+        "outputs": task.outputs,
     }
     return DesiredTask(name=task.manifest_name, owner=owner, spec_hash=_hash(fields), **fields)
 
@@ -95,6 +130,11 @@ def wire_task(task: ResolvedTask, owner: str) -> DesiredTask:
 def spec_hash(task: DesiredTask) -> str:
     """The spec hash of a wire task, computed from its fields (``wire_task`` stamps the same)."""
     return _hash(task.model_dump(mode="json", exclude=set(_UNHASHED)))
+
+
+def fields_hash(fields: Mapping[str, Any]) -> str:
+    """The same short hash over any JSON-able fields (a federated job's spec)."""
+    return _hash(fields)
 
 
 def _hash(fields: Mapping[str, Any]) -> str:

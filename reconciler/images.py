@@ -24,7 +24,7 @@ def resolve_images(
     progress: Callable[[str], None] | None = None,
 ) -> DesiredState:
     """Every image task with its digest, size and pinned reference, or its error."""
-    references = sorted({t.image for t in desired.tasks if t.image is not None})
+    references = sorted({t.image for t in desired.all_tasks if t.image is not None})
     if not references:
         return desired
     found: dict[str, Resolved | str] = {}
@@ -37,7 +37,13 @@ def resolve_images(
     if progress is not None:
         ok = sum(1 for value in found.values() if not isinstance(value, str))
         progress(f"resolved {ok} of {len(references)} image reference(s)")
-    return dataclasses.replace(desired, tasks=tuple(_with(task, found) for task in desired.tasks))
+    return dataclasses.replace(
+        desired,
+        tasks=tuple(_with(task, found) for task in desired.tasks),
+        jobs=tuple(
+            dataclasses.replace(job, trainer=_with(job.trainer, found)) for job in desired.jobs
+        ),
+    )
 
 
 def _with(task: ResolvedTask, found: dict[str, Resolved | str]) -> ResolvedTask:

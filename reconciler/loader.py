@@ -25,11 +25,14 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ruamel.yaml.reader import ReaderError
 
-from reconciler.desired import DesiredState, ResolvedTask
+from reconciler.desired import DesiredState, ResolvedJob, ResolvedTask, fields_hash
 from schemas.manifests import (
+    FederatedJob,
     KindError,
     Manifest,
+    Placement,
     Task,
+    TaskSpec,
     check_repo_path,
     fields_of,
     model_for,
@@ -108,6 +111,7 @@ def load(
     modules: dict[str, str] = {}
     digests: dict[str, tuple[str, int] | None] = {}
     tasks: list[ResolvedTask] = []
+    jobs: list[ResolvedJob] = []
     for document, manifest in documents:
         found = _module_file(document, read_module, digests, problems, revision)
         if isinstance(manifest, Task):
@@ -116,12 +120,22 @@ def load(
                 tasks.append(task)
                 if task.digest is not None and manifest.spec.module.file is not None:
                     modules.setdefault(task.digest, manifest.spec.module.file)
+        elif isinstance(manifest, FederatedJob):
+            job = _resolve_job(document, manifest, found, read_module, digests, problems, revision)
+            if job is not None:
+                jobs.append(job)
+                if job.trainer.digest is not None and manifest.spec.trainer.file is not None:
+                    modules.setdefault(job.trainer.digest, manifest.spec.trainer.file)
+    problems.extend(_shared_names(documents))
 
     if any(problem.level == "error" for problem in problems):
         raise InvalidManifests(tuple(problems))
     tasks.sort(key=lambda task: task.manifest_name)
-    log.debug("revision %s: %d tasks from %d files", revision, len(tasks), len(files))
-    return DesiredState(revision=revision, tasks=tuple(tasks), modules=modules)
+    jobs.sort(key=lambda job: job.name)
+    log.debug(
+        "revision %s: %d tasks, %d jobs from %d files", revision, len(tasks), len(jobs), len(files)
+    )
+    return DesiredState(revision=revision, tasks=tuple(tasks), modules=modules, jobs=tuple(jobs))
 
 
 def _documents(file: str, content: bytes, problems: list[Problem]) -> Iterator[_Document]:
@@ -314,9 +328,26 @@ def _module_file(
 
     Each distinct path is read once, however many tasks name it.
     """
-    if _dig(document.data, "kind") != Task.KIND:
+    kind = _dig(document.data, "kind")
+    if kind == Task.KIND:
+        where: NodePath = ("spec", "module", "file")
+    elif kind == FederatedJob.KIND:
+        where = ("spec", "trainer", "file")
+    else:
         return None
-    raw = _dig(document.data, "spec", "module", "file")
+    return _repo_file(document, where, read_module, digests, problems, revision)
+
+
+def _repo_file(
+    document: _Document,
+    where: NodePath,
+    read_module: Callable[[str], bytes | None],
+    digests: dict[str, tuple[str, int] | None],
+    problems: list[Problem],
+    revision: str,
+) -> tuple[str, int] | None:
+    """Digest and size of the repository file named at ``where``; a missing file is a problem."""
+    raw = _dig(document.data, *where)
     if not isinstance(raw, str):
         return None
     try:
@@ -334,8 +365,7 @@ def _module_file(
     if found is None:
         problems.append(
             document.problem(
-                ("spec", "module", "file"),
-                f"spec.module.file: '{path}' does not exist at revision {revision}",
+                where, f"{'.'.join(where)}: '{path}' does not exist at revision {revision}"
             )
         )
     return found
@@ -360,3 +390,78 @@ def _resolve(document: _Document, task: Task, found: tuple[str, int] | None) -> 
         source_file=document.file,
         line=line,
     )
+
+
+def _resolve_job(
+    document: _Document,
+    job: FederatedJob,
+    found: tuple[str, int] | None,
+    read_module: Callable[[str], bytes | None],
+    digests: dict[str, tuple[str, int] | None],
+    problems: list[Problem],
+    revision: str,
+) -> ResolvedJob | None:
+    """A job with its trainer resolved like a task's module, and its files checked."""
+    spec = job.spec
+    model: tuple[str, int] | None = None
+    if spec.model.file is not None:
+        model = _repo_file(
+            document, ("spec", "model", "file"), read_module, digests, problems, revision
+        )
+    if spec.evaluation is not None:
+        for index, name in enumerate(spec.evaluation.files):
+            path = f"{spec.evaluation.data}/{name}"
+            if read_module(path) is None:
+                problems.append(
+                    document.problem(
+                        ("spec", "evaluation", "files", index),
+                        f"spec.evaluation.files: '{path}' does not exist at revision {revision}",
+                    )
+                )
+    if spec.trainer.file is not None and found is None:
+        return None
+    digest, size = found if found is not None else (None, None)
+    line, _column = document.position(())
+    trainer_spec = TaskSpec(
+        module=spec.trainer,
+        placement=Placement(runtime=spec.clients.runtime, selector=dict(spec.clients.selector)),
+        limits=spec.limits,
+    )
+    trainer = ResolvedTask(
+        manifest_name=job.metadata.name,
+        labels=dict(job.metadata.labels),
+        spec=trainer_spec,
+        digest=digest,
+        size=size,
+        image=spec.trainer.image,
+        source_file=document.file,
+        line=line,
+    )
+    identity = {
+        "spec": spec.model_dump(mode="json", by_alias=True),
+        "trainer": digest or spec.trainer.image,
+        "model": model[0] if model is not None else None,
+    }
+    return ResolvedJob(
+        name=job.metadata.name,
+        spec=spec,
+        trainer=trainer,
+        spec_hash=fields_hash(identity),
+        source_file=document.file,
+        line=line,
+        model=model,
+    )
+
+
+def _shared_names(documents: list[tuple[_Document, Manifest | None]]) -> list[Problem]:
+    """A job's round tasks carry its name, so no Task may share it."""
+    tasks = {m.metadata.name for _d, m in documents if isinstance(m, Task)}
+    return [
+        document.problem(
+            ("metadata", "name"),
+            f"FederatedJob '{manifest.metadata.name}' has the name of a Task; its round tasks"
+            " would take that task's place: rename one of them",
+        )
+        for document, manifest in documents
+        if isinstance(manifest, FederatedJob) and manifest.metadata.name in tasks
+    ]

@@ -36,12 +36,17 @@ class Requirement:
     runtime: RuntimeWanted = "any"
     selector: tuple[tuple[str, str], ...] = ()  # sorted (key, value) pairs
     pin: str | None = None
+    among: frozenset[str] | None = None  # only these proplets (a federated round's clients)
 
     @classmethod
     def of(
-        cls, runtime: RuntimeWanted, selector: Mapping[str, str], pin: str | None
+        cls,
+        runtime: RuntimeWanted,
+        selector: Mapping[str, str],
+        pin: str | None,
+        among: frozenset[str] | None = None,
     ) -> Requirement:
-        return cls(runtime, tuple(sorted(selector.items())), pin)
+        return cls(runtime, tuple(sorted(selector.items())), pin, among)
 
     def describe(self) -> str:
         text = f"runtime={self.runtime}"
@@ -123,7 +128,7 @@ class _Fleet:
             members: list[Node] = []
             for (runtime, labels), group in self.groups.items():
                 if need.matches(runtime, dict(labels)):
-                    members.extend(group)
+                    members.extend(n for n in group if need.among is None or n.id in need.among)
             members.sort(key=lambda n: n.id)
             pool = _Pool([n.id for n in members], [n.id for n in members if n.alive])
             self.pools[need] = pool
@@ -132,6 +137,8 @@ class _Fleet:
     def may_keep(self, proplet: str, need: Requirement, spread: bool = False) -> bool:
         node = self.nodes.get(proplet)
         if node is None or (need.pin is not None and need.pin != proplet):
+            return False
+        if need.among is not None and proplet not in need.among:
             return False
         if node.lost and need.pin is None and not spread:
             return False  # a replica on a lost proplet runs elsewhere; pinned ones wait for it

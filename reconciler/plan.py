@@ -108,7 +108,8 @@ def _plan(
         raise ValueError("desired state holds two tasks with the same name")
     wire = {name: wire_task(task, owner) for name, task in tasks.items() if task.resolved}
     actions: list[Action] = []
-    current = _split(observed, tasks, wire, prune, owner, actions)
+    jobs = {job.name for job in desired.jobs}
+    current = _split(observed, tasks, wire, prune, owner, actions, desired.retired, jobs)
 
     nodes = [
         Node(
@@ -180,6 +181,8 @@ def _split(
     prune: bool,
     owner: str,
     actions: list[Action],
+    retired: Mapping[str, str],
+    jobs: Collection[str],
 ) -> dict[str, _Current]:
     """Each proplet's set split into tasks to place and tasks to leave; prunes and orphans."""
     current: dict[str, _Current] = {}
@@ -193,6 +196,12 @@ def _split(
                 entry.ours[task.name] = task
             elif task.name in tasks:
                 entry.fixed.append(task)  # its module is not resolved: leave it running
+            elif task.name in retired:
+                actions.append(
+                    Action("delete", task.name, proplet_id, retired[task.name], task.spec_hash)
+                )
+            elif task.name in jobs:
+                entry.fixed.append(task)  # a round of a job that this pass does not drive
             elif prune:
                 actions.append(
                     Action("delete", task.name, proplet_id, "removed from Git", task.spec_hash)
@@ -243,8 +252,8 @@ def _demand(task: ResolvedTask, holders: list[str] | tuple[str, ...]) -> Demand:
     placement = task.spec.placement
     return Demand(
         task=task.manifest_name,
-        need=Requirement.of(placement.runtime, placement.selector, placement.proplet),
+        need=Requirement.of(placement.runtime, placement.selector, placement.proplet, task.among),
         replicas=placement.count,
-        spread=placement.spread == "all",
+        spread=placement.spread == "all" or task.among is not None,
         holders=tuple(holders),
     )

@@ -10,15 +10,16 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from reconciler.artifacts import ArtifactServer
 from reconciler.broker import Broker
 from reconciler.converge import FAILED_OUTCOMES, Outcome, converge
-from reconciler.desired import DesiredState
+from reconciler.coordinator import Coordinator, coordinating, with_jobs
+from reconciler.desired import DesiredState, ResolvedTask
 from reconciler.loader import load
 from reconciler.lock import fleet_lock, lock_path
 from reconciler.observe import FleetView
@@ -26,6 +27,7 @@ from reconciler.observed import ObservedState
 from reconciler.plan import DEFAULT_OWNER, Plan, plan
 from reconciler.source import Revision, Source, default_cache_dir
 from schemas.connection import BrokerSettings
+from schemas.messages import JobPhase, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class PassOptions:
     owner: str = DEFAULT_OWNER
     cache_dir: Path | None = None
     insecure_registry: bool = False  # plain HTTP to registries (a registry on loopback)
+    state_dir: Path | None = None  # federated jobs' checkpoints; default: under cache_dir
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,11 +56,14 @@ class PassResult:
     plan: Plan
     outcomes: tuple[Outcome, ...]
     timings: dict[str, float] = field(default_factory=dict)
+    jobs: tuple[JobStatus, ...] = ()
 
     @property
     def failed(self) -> bool:
-        return any(o.outcome in FAILED_OUTCOMES for o in self.outcomes) or any(
-            o.outcome == "pending" and o.action.kind == "pending" for o in self.outcomes
+        return (
+            any(o.outcome in FAILED_OUTCOMES for o in self.outcomes)
+            or any(o.outcome == "pending" and o.action.kind == "pending" for o in self.outcomes)
+            or any(job.phase == JobPhase.FAILED for job in self.jobs)
         )
 
     @property
@@ -77,8 +83,11 @@ def fetch_desired(
     revision = source.fetch()
     progress(f"fetched {revision.origin} at {revision.short} ({len(revision.files)} files)")
     desired = load(revision.files, revision.read, revision.id)
-    progress(f"loaded {len(desired.tasks)} task(s)")
-    if images and any(task.image is not None for task in desired.tasks):
+    progress(
+        f"loaded {len(desired.tasks)} task(s)"
+        + (f" and {len(desired.jobs)} federated job(s)" if desired.jobs else "")
+    )
+    if images and any(task.image is not None for task in desired.all_tasks):
         from reconciler.images import resolve_images
         from reconciler.registry import RegistryClient
 
@@ -116,7 +125,12 @@ def reconcile(
     options: PassOptions,
     progress: Progress = _quiet,
 ) -> PassResult:
-    """One pass. Invalid input stops it before anything is sent."""
+    """One pass. Invalid input stops it before anything is sent.
+
+    With ``wait`` and federated jobs in the revision, the pass then drives the jobs, round by
+    round, until each has completed or failed; without ``wait`` it leaves their rounds as
+    they are (``propctl serve`` drives them too).
+    """
     timings: dict[str, float] = {}
     started = time.perf_counter()
     revision, desired = fetch_desired(
@@ -128,17 +142,69 @@ def reconcile(
         mark = time.perf_counter()
         with connected(settings) as (broker, view):
             timings["connect"] = time.perf_counter() - mark
-            server: ArtifactServer | None = None
-            if not options.dry_run:
-                server = ArtifactServer(
-                    broker, settings.namespace, module_reader(revision, desired)
-                )
-                server.start()
-            try:
+            if options.dry_run:
                 return run_pass(broker, view, desired, options, progress, timings)
-            finally:
-                if server is not None:
-                    server.stop()
+            modules = module_reader(revision, desired)
+            if not (options.wait and desired.jobs):
+                with ArtifactServer(broker, settings.namespace, modules):
+                    return run_pass(broker, view, desired, options, progress, timings)
+            state_dir = options.state_dir or cache_dir / "state"
+            with coordinating(
+                broker, settings.namespace, state_dir, name=issuer(), owner=options.owner,
+                progress=progress, modules=modules,
+            ) as coordinator:  # fmt: skip
+                coordinator.set_jobs(desired, revision.read)
+
+                def lookup(digest: str) -> bytes | None:
+                    return modules(digest) or coordinator.lookup(digest)
+
+                with ArtifactServer(broker, settings.namespace, lookup):
+                    return drive_jobs(
+                        broker, view, desired, coordinator, options, progress, timings
+                    )
+
+
+def drive_jobs(
+    broker: Broker,
+    view: FleetView,
+    desired: DesiredState,
+    coordinator: Coordinator,
+    options: PassOptions,
+    progress: Progress,
+    timings: dict[str, float],
+) -> PassResult:
+    """The first pass as usual, then a pass each time a round starts or the jobs end."""
+    names = {job.name for job in desired.jobs}
+    tasks, retired = coordinator.step(view.observed())
+    result = run_pass(
+        broker, view, with_jobs(desired, tasks, retired), options, progress, timings,
+        unwatched=names,
+    )  # fmt: skip
+    quiet_options = replace(options, wait=False)
+    last = job_key(tasks, retired)
+    while True:
+        tasks, retired = coordinator.step(view.observed())
+        key = job_key(tasks, retired)
+        if key != last:
+            run_pass(broker, view, with_jobs(desired, tasks, retired), quiet_options, _quiet, {})
+            last = key
+        if not coordinator.active:
+            break
+        deadline = coordinator.next_deadline()
+        coordinator.wait(min(1.0, deadline - time.time()) if deadline is not None else 1.0)
+    statuses = tuple(coordinator.status(run) for run in coordinator.runs.values())
+    # A round's tasks are reported through their job: a trainer that failed is a rejected
+    # update there, not a failed pass.
+    outcomes = tuple(o for o in result.outcomes if o.action.task not in names)
+    return replace(result, outcomes=outcomes, jobs=statuses)
+
+
+def job_key(tasks: list[ResolvedTask], retired: Mapping[str, str]) -> tuple[object, ...]:
+    return (
+        tuple((t.manifest_name, t.spec.env.get("FL_ROUND"), t.spec.env.get("FL_ATTEMPT"), t.among)
+              for t in tasks),
+        tuple(sorted(retired)),
+    )  # fmt: skip
 
 
 def run_pass(
@@ -150,6 +216,7 @@ def run_pass(
     timings: dict[str, float],
     observe: Callable[[], ObservedState] | None = None,
     republish: Collection[str] = (),
+    unwatched: Collection[str] = (),
 ) -> PassResult:
     """Observe, plan and converge on an open connection; the caller serves the modules."""
     mark = time.perf_counter()
@@ -179,6 +246,7 @@ def run_pass(
         progress=progress,
         serving=desired.modules.keys(),
         dry_run=options.dry_run,
+        unwatched=unwatched,
     )
     timings["converge"] = time.perf_counter() - mark
     return PassResult(desired.revision, the_plan, outcomes, timings)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from reconciler.artifacts import ArtifactServer
 from reconciler.broker import Broker, FleetUnreachable
+from reconciler.coordinator import Coordinator, with_jobs
 from reconciler.desired import DesiredState
 from reconciler.images import resolve_images
 from reconciler.inventory import task_rows
@@ -28,11 +29,13 @@ from reconciler.lock import fleet_lock, lock_path
 from reconciler.metrics import ServeMetrics, serve_metrics
 from reconciler.observe import FleetData, FleetView, Liveness, liveness
 from reconciler.observed import ObservedState
+from reconciler.plan import DEFAULT_OWNER
 from reconciler.reconcile import (
     PassOptions,
     PassResult,
     fleet_key,
     issuer,
+    job_key,
     module_reader,
     run_pass,
 )
@@ -159,6 +162,20 @@ class Server:
         self._reader: Callable[[str], bytes | None] | None = None
         self._previous_reader: Callable[[str], bytes | None] | None = None
         self.server = ArtifactServer(self.broker, settings.namespace, self._lookup)
+        self.coordinator = Coordinator(
+            self.broker,
+            settings.namespace,
+            options.state_dir,
+            name=issuer(),
+            owner=DEFAULT_OWNER,
+            progress=lambda line: log.info("%s", line),
+            wake=self._job_event,
+            modules=self._lookup,
+        )
+        self._coordinating = False
+        # The last revision that passed, reused by passes that only move a job's rounds.
+        self._last: tuple[Revision, DesiredState] | None = None
+        self._job_plan: tuple[object, ...] = ((), ())
         self.ready = threading.Event()
         self.metrics: ServeMetrics = serve_metrics()
         self._result = "applied"
@@ -190,7 +207,22 @@ class Server:
                 content = reader(digest)
                 if content is not None:
                     return content
-        return None
+        return self.coordinator.lookup(digest)
+
+    def _job_event(self, reason: str) -> None:
+        self.triggers.request(f"{JOB_REASON}{reason}")
+
+    def _jobs_moved(self) -> bool:
+        """Whether a job's rounds changed since the last pass (a round closed or timed out)."""
+        if self._last is None or not self.coordinator.runs:
+            return False
+        tasks, retired = self.coordinator.step(self._observed())
+        return job_key(tasks, retired) != self._job_plan
+
+    def _job_deadline(self) -> float | None:
+        """The next round deadline on this loop's clock."""
+        deadline = self.coordinator.next_deadline()
+        return None if deadline is None else self.clock() + (deadline - time.time())
 
     # Loop.
     def run(self) -> None:
@@ -202,19 +234,29 @@ class Server:
                     self._stopping.wait(min(5.0, self.options.interval))
                     continue
                 timeout = next_timer - self.clock()
-                change = self._next_liveness_change()
-                if change is not None:
-                    timeout = min(timeout, change - self.clock())
+                for change in (self._next_liveness_change(), self._job_deadline()):
+                    if change is not None:
+                        timeout = min(timeout, change - self.clock())
                 reasons = self.triggers.wait(timeout)
                 if self.stopping:
                     break
+                jobs_only = bool(reasons) and all(r.startswith(JOB_REASON) for r in reasons)
+                if jobs_only and not self._jobs_moved():
+                    continue  # a result or upload arrived, and the round goes on
                 if not reasons:
                     if self.clock() >= next_timer:
                         reasons = ["timer"]
                     elif self._liveness_key() != self._passed_liveness:
                         reasons = ["fleet liveness changed"]
+                    elif self._jobs_moved():
+                        reasons = [f"{JOB_REASON}round deadline"]
+                        jobs_only = True
                     else:
                         continue
+                if jobs_only:
+                    # A round's next step waits for no one: it reuses the last revision.
+                    self.pass_once(f"{JOB_REASON}round", reuse=True)
+                    continue
                 gap = self._last_pass_start + self.options.min_gap - self.clock()
                 if gap > 0 and reasons != ["timer"]:
                     self._stopping.wait(gap)
@@ -272,8 +314,11 @@ class Server:
 
         return self.view.read(judge)
 
-    def pass_once(self, reason: str) -> PassResult | None:
-        """One pass; every failure is recorded in the state, none escapes."""
+    def pass_once(self, reason: str, *, reuse: bool = False) -> PassResult | None:
+        """One pass; every failure is recorded in the state, none escapes.
+
+        ``reuse`` passes with the last revision that passed instead of fetching again.
+        """
         started = time.time()
         mark = self._pass_started = self.clock()
         log.info("pass (%s)", reason)
@@ -282,7 +327,7 @@ class Server:
         try:
             if not self.broker.connected:
                 raise FleetUnreachable(f"not connected to {self.settings.url}; reconnecting")
-            revision, desired = self._fetch()
+            revision, desired = self._last if reuse and self._last else self._fetch()
             if desired is not None:
                 cache_dir = self.options.cache_dir or default_cache_dir()
                 lock = lock_path(cache_dir, fleet_key(self.settings))
@@ -318,7 +363,7 @@ class Server:
         self.state.last_attempted_revision = revision.id
         try:
             desired = load(revision.files, revision.read, revision.id)
-            if any(task.image is not None for task in desired.tasks):
+            if any(task.image is not None for task in desired.all_tasks):
                 with RegistryClient.from_env(insecure=self.options.insecure_registry) as client:
                     desired = resolve_images(desired, client)
         except InvalidManifests as exc:
@@ -351,14 +396,22 @@ class Server:
         options = PassOptions(
             prune=self.options.prune, wait=False, timeout=self.options.pass_timeout
         )
+        self._last = (revision, desired)
+        if not self._coordinating:
+            self.coordinator.attach()  # the broker renews its subscriptions on reconnects
+            self._coordinating = True
+        self.coordinator.set_jobs(desired, revision.read)
+        observed = self._observe()
+        tasks, retired = self.coordinator.step(observed)
+        self._job_plan = job_key(tasks, retired)
         result = run_pass(
             self.broker,
             self.view,
-            desired,
+            with_jobs(desired, tasks, retired),
             options,
             lambda line: log.info("%s", line),
             {},
-            observe=self._observe,
+            observe=lambda: observed,
             republish=self._restore_sets.keys(),
         )
         self._restore_sets = {}
@@ -423,6 +476,9 @@ class Server:
             info.wait_for_publish(timeout=5)
         except (RuntimeError, ValueError) as exc:
             log.warning("status not published: %s", exc)
+
+
+JOB_REASON = "job: "
 
 
 def _ref_matches(pushed: str | None, served: str | None) -> bool:

@@ -370,9 +370,12 @@ class UpdateBounds(Strict):
 
 
 class Evaluation(Strict):
-    """A data directory in the repository the coordinator evaluates each new model on."""
+    """Files in the repository the coordinator evaluates each new model on, with the trainer."""
 
-    data: RepoPath = Field(description="directory mounted read-only at /data for evaluation")
+    data: RepoPath = Field(description="directory whose files are mounted read-only at /data")
+    files: list[RepoPath] = Field(
+        min_length=1, max_length=64, description="paths under 'data', e.g. digits/x.npy"
+    )
     limits: Limits = Field(default_factory=Limits)
 
 

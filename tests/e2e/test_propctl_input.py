@@ -154,6 +154,7 @@ def test_validate_reports_every_problem_with_its_place(propctl: Propctl, repo: G
         "valid": True,
         "revision": fixed,
         "tasks": 3,
+        "jobs": 0,
         "files": ["fleet/a.yaml", "fleet/b.yaml"],
     }
 
