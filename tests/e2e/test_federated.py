@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 
 from reconciler.federated import Updates, from_bytes
+from tests.broker import Mosquitto
+from tests.e2e.serve_support import Serve
 from tests.e2e.support import REPO_ROOT, WASM_DIR, Propctl, to_yaml
 from tests.fleet import Fleet
 from tests.gitrepo import GitRepo
@@ -266,3 +268,46 @@ def test_too_few_clients_waits_then_fails_with_the_reason(
     assert time.monotonic() - started < 20
     assert job["phase"] == "Failed"
     assert "2 live client(s)" in job["reason"] and "1 alive" in job["reason"]
+
+
+def test_serve_drives_a_job_and_resumes_it_after_a_restart(
+    fleet: Fleet, broker: Mosquitto, propctl: Propctl, tmp_path: Path
+) -> None:
+    names = ["s-1", "s-2"]
+    start_clients(fleet, names, {name: {"fault": b"slow"} for name in names})
+    repo = toy_repo(tmp_path, rounds=3)
+    serve = Serve(broker.url, tmp_path / "serve", repo.url, interval="30s")
+    checkpoint = serve.state_dir / "jobs" / "toy" / "state.json"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            saved = json.loads(checkpoint.read_text()) if checkpoint.exists() else {}
+            if saved.get("completed", 0) >= 1 and saved.get("attempt", 0) >= 1:
+                break  # round 2 is under way
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"serve did not reach round 2:\n{serve.log()[-3000:]}")
+        serve.process.kill()  # no clean stop: the round in flight is lost
+        serve.process.wait(10)
+    finally:
+        serve.stop()
+    assert json.loads(checkpoint.read_text())["completed"] == 1
+
+    again = Serve(broker.url, tmp_path / "serve", repo.url, interval="30s")
+    try:
+        deadline = time.monotonic() + 30
+        job: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            listed = propctl.ok("get", "jobs", "-o", "json").json()
+            job = listed[0] if listed else {}
+            if job.get("phase") == "Completed":
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"the job did not complete: {job}\n{again.log()[-3000:]}")
+    finally:
+        assert again.stop() == 0
+    assert [r["round"] for r in job["history"]] == [1, 2, 3]
+    assert final_model(again.state_dir, "toy").tolist() == [3.0, 3.0, 3.0, 3.0]
+    # Rounds moved without waiting for the 30 s timer or the gap between triggered passes.
+    assert all(r["seconds"] < 5 for r in job["history"])
