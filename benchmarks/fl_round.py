@@ -39,12 +39,12 @@ from types import ModuleType
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.broker import Mosquitto
 from tests.fleet import running_fleet
 
+ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "fl-digits"
 OVERHEAD_GOAL_S = 0.050
 ACCURACY_TOLERANCE = 0.01
@@ -93,13 +93,13 @@ spec:
   roundTimeout: 60s
   hyperparams:
     dataset: digits
-    epochs: 1
+    epochs: {epochs}
     batch: 10
-    lr: 0.1
+    lr: {lr}
   evaluation:
     data: eval
     files: [digits/x.npy, digits/y.npy]
-  seed: 0
+{target}  seed: 0
 """
 
 
@@ -107,6 +107,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--split", choices=["iid", "noniid"], default="iid")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--target", type=float, default=None, help="stop at this accuracy")
     parser.add_argument("--smoke", action="store_true", help="3 clients, 3 rounds; never fails")
     parser.add_argument("-o", "--output", choices=["text", "json"], default="text")
     args = parser.parse_args()
@@ -115,13 +119,14 @@ def main() -> int:
 
     prepare, reference = load("prepare"), load("reference")
     train, test = prepare.load_split()
-    partitions = prepare.partition(train[0], train[1], args.clients, "iid", 0)
+    partitions = prepare.partition(train[0], train[1], args.clients, args.split, 0)
 
     progress("floor: the same training in one process")
     started = time.perf_counter()
     floor_history = reference.fedavg(
-        partitions, test, rounds=args.rounds, epochs=1, batch=10, lr=0.1, seed=0
-    )
+        partitions, test, rounds=args.rounds, epochs=args.epochs, batch=10, lr=args.lr, seed=0,
+        stop_at=args.target,
+    )  # fmt: skip
     floor_seconds = time.perf_counter() - started
     floor_accuracy = float(floor_history[-1]["accuracy"])
 
@@ -133,7 +138,15 @@ def main() -> int:
         (source / "eval" / "digits" / "x.npy").write_bytes(npy(test[0]))
         (source / "eval" / "digits" / "y.npy").write_bytes(npy(test[1]))
         (source / "job.yaml").write_text(
-            MANIFEST.format(rounds=args.rounds, clients=args.clients)
+            MANIFEST.format(
+                rounds=args.rounds,
+                clients=args.clients,
+                epochs=args.epochs,
+                lr=args.lr,
+                target=""
+                if args.target is None
+                else f"  target:\n    metric: accuracy\n    value: {args.target}\n",
+            )
         )
         with Mosquitto(tmp / "broker") as broker, running_fleet(broker, tmp / "fleet") as fleet:
             progress(f"starting {args.clients} proplets on {broker.url}")
@@ -186,14 +199,21 @@ def main() -> int:
         "job_seconds": round(job_seconds, 2),
         "floor_seconds": round(floor_seconds, 2),
         "accuracy_per_round": [r["accuracy"] for r in history],
+        "floor_accuracy_per_round": [round(float(r["accuracy"]), 4) for r in floor_history],
     }
-    accuracy_ok = abs(accuracy - floor_accuracy) <= ACCURACY_TOLERANCE
+    accuracy_ok = abs(accuracy - floor_accuracy) <= ACCURACY_TOLERANCE and len(history) == len(
+        floor_history
+    )
     overhead_ok = figures["overhead_p50_ms"] < OVERHEAD_GOAL_S * 1000
     passed = accuracy_ok and overhead_ok and job["phase"] == "Completed"
     if args.output == "json":
         print(json.dumps({**figures, "passed": passed}))
     else:
-        print(f"job: {args.clients} clients, {len(history)} rounds, {job['phase']}")
+        print(
+            f"job: {args.clients} clients ({args.split}), E={args.epochs}, B=10, lr={args.lr},"
+            f" {len(history)} rounds (floor: {len(floor_history)}), {job['phase']}"
+        )
+        print("accuracy per round: " + " ".join(f"{a:.4f}" for a in figures["accuracy_per_round"]))
         print(
             f"final test accuracy {accuracy:.4f}; in-process floor {floor_accuracy:.4f};"
             f" gap {accuracy - floor_accuracy:+.4f} (goal within {ACCURACY_TOLERANCE}):"
