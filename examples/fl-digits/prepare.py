@@ -6,8 +6,8 @@ split of 1,437 samples and a test split of 360 (`train_test_split(test_size=0.2,
 random_state=0, stratify=y)`). The train split is partitioned across clients, either IID or
 non-IID as in the FedAvg paper, and each part is written where a proplet reads its local data:
 
-    OUT/client-00/data/digits/x.npy   float32 (n, 64)   (run the proplet with --data-dir OUT/client-00)
-    OUT/client-00/data/digits/y.npy   int64 (n,)
+    OUT/client-00/data/digits/x.npy   float32 (n, 64)
+    OUT/client-00/data/digits/y.npy   int64 (n,)   (a proplet with --data-dir OUT/client-00)
     ...
     OUT/eval/digits/x.npy, y.npy the test split, for the coordinator's evaluation
 
