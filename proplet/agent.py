@@ -824,6 +824,9 @@ class Agent:
     def _publish_state(self) -> None:
         self._dirty = False
         self._state_due = None
+        # Report only what the journal holds: a run reported Running and then cut short by a
+        # crash must be found in the journal at the next start, or it would not count.
+        self.journal.flush(timeout=1.0)
         if self.session.connected:
             self.session.publish(
                 self.ns.state(self.config.proplet_id), self.reported_state().encode(), retain=True
