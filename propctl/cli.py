@@ -154,7 +154,8 @@ verbose_option = click.option("-v", "--verbose", count=True, help="More logging;
 insecure_registry_option = click.option(
     "--insecure-registry",
     is_flag=True,
-    help="Resolve module.image over plain HTTP (a registry on loopback). Credentials from"
+    help="Talk to registries over plain HTTP (a registry on loopback): module.image and a"
+    " job's output.image. Credentials from"
     " PROPELLER_REGISTRY_USERNAME / PROPELLER_REGISTRY_PASSWORD.",
 )
 

@@ -70,6 +70,11 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 STATUS_HISTORY = 100
+# Annotations of a pushed final model (beside org.opencontainers.image.created).
+ANNOTATION_JOB = "dev.propeller.job"
+ANNOTATION_ROUNDS = "dev.propeller.rounds"
+ANNOTATION_ACCURACY = "dev.propeller.accuracy"
+ANNOTATION_MODEL_DIGEST = "dev.propeller.model.digest"
 TERMINAL = (JobPhase.COMPLETED, JobPhase.FAILED)
 
 
@@ -256,9 +261,11 @@ class Coordinator:
         wake: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
         modules: Callable[[str], bytes | None] | None = None,
+        insecure_registry: bool = False,
     ) -> None:
         self.broker = broker
         self.modules = modules  # trainer modules from a registry, for evaluation
+        self.insecure_registry = insecure_registry  # plain HTTP for spec.output pushes
         self.ns = namespace
         self.state_dir = state_dir
         self.name = name
@@ -672,8 +679,40 @@ class Coordinator:
                 + (f" ({reason})" if reason else "")
                 + f"; final model {run.final_model_path()}"
             )
+            output = run.job.spec.output
+            if output is not None:
+                failure = self._push_final(run, output.image)
+                if failure is not None:
+                    # The job still completed; its status says the push did not happen.
+                    failed = f"final model not pushed: {failure[:1000]}"
+                    log.warning("job %s: %s", run.name, failed)
+                    self.progress(f"job {run.name}: {failed}")
+                    run.checkpoint.reason = f"{reason}; {failed}" if reason else failed
+                    run._save(run.checkpoint)
         else:
             self.progress(f"job {run.name}: failed: {reason}")
+
+    def _push_final(self, run: JobRun, image: str) -> str | None:
+        """Push the final model to ``image``; the reason when it failed, else None."""
+        from reconciler.registry import RegistryClient, RegistryError  # oras only when needed
+
+        model = run.model_bytes
+        annotations = {
+            ANNOTATION_JOB: run.name,
+            ANNOTATION_ROUNDS: str(run.checkpoint.completed),
+            ANNOTATION_MODEL_DIGEST: run.checkpoint.model,
+        }
+        last = run.checkpoint.history[-1] if run.checkpoint.history else {}
+        accuracy = last.get("accuracy")
+        if accuracy is not None:
+            annotations[ANNOTATION_ACCURACY] = str(float(accuracy))
+        try:
+            with RegistryClient.from_env(insecure=self.insecure_registry) as client:
+                pushed = client.push_model(model, image, annotations, file_name=f"{run.name}.npy")
+        except (RegistryError, ValueError, OSError) as exc:
+            return str(exc) or type(exc).__name__
+        self.progress(f"job {run.name}: pushed final model to {image} as {pushed.manifest_digest}")
+        return None
 
     # -- status ---------------------------------------------------------------------------------
 

@@ -151,7 +151,7 @@ def reconcile(
             state_dir = options.state_dir or cache_dir / "state"
             with coordinating(
                 broker, settings.namespace, state_dir, name=issuer(), owner=options.owner,
-                progress=progress, modules=modules,
+                progress=progress, modules=modules, insecure_registry=options.insecure_registry,
             ) as coordinator:  # fmt: skip
                 coordinator.set_jobs(desired, revision.read)
 

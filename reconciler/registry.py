@@ -1,8 +1,12 @@
-"""Wasm modules in OCI registries: references, push, resolve (tag -> digest) and blob fetch.
+"""Artifacts in OCI registries: references, push, resolve (tag -> digest) and blob fetch.
 
-Artifacts follow the CNCF Wasm OCI artifact layout: an OCI image manifest whose config has the
+Wasm modules follow the CNCF Wasm OCI artifact layout: an OCI image manifest whose config has the
 media type ``application/vnd.wasm.config.v0+json`` (``{"created", "architecture": "wasm",
 "os": "wasip1", "layerDigests"}``) and whose one layer is the module, ``application/wasm``.
+
+Models (the final model of a federated job) use the same shape with their own media types: the
+config ``application/vnd.propeller.model.config.v1+json`` (``{"dtype", "shape",
+"layerDigests"}``) and one layer ``application/vnd.propeller.model.v1+npy``, the ``.npy`` file.
 
 The HTTP work is oras-py's (``oras.provider.Registry``: blob upload sessions, manifest upload,
 blob download, URL building), with its ``do_request`` replaced, for three reasons:
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import io
 import json
 import logging
 import os
@@ -35,6 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
 import oras.auth.utils
 import oras.container
 import oras.defaults
@@ -48,6 +54,8 @@ log = logging.getLogger(__name__)
 
 WASM_CONFIG_MEDIA_TYPE = "application/vnd.wasm.config.v0+json"
 WASM_LAYER_MEDIA_TYPE = "application/wasm"
+MODEL_CONFIG_MEDIA_TYPE = "application/vnd.propeller.model.config.v1+json"
+MODEL_LAYER_MEDIA_TYPE = "application/vnd.propeller.model.v1+npy"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -82,6 +90,10 @@ class ArtifactNotFound(RegistryError):
 
 class NotWasmArtifact(RegistryError):
     """The artifact (or the file to push) is not a Wasm module in the CNCF layout."""
+
+
+class NotModelArtifact(RegistryError):
+    """The artifact (or the bytes to push) is not a ``.npy`` model in the model layout."""
 
 
 class InvalidReference(ValueError):
@@ -167,7 +179,7 @@ class PushResult:
     reference: Reference  # as pushed (with its tag)
     manifest_digest: str
     layer_digest: str
-    size: int  # of the module, in bytes
+    size: int  # of the layer (the module or the model), in bytes
 
     @property
     def pinned(self) -> Reference:
@@ -187,12 +199,12 @@ class Manifest:
 
 @dataclass(frozen=True, slots=True)
 class Resolved:
-    """Where a reference points now: the manifest digest and its one Wasm layer."""
+    """Where a reference points now: the manifest digest and its one layer of the kind asked."""
 
     reference: Reference  # as asked (tag or digest)
     manifest_digest: str
     layer_digest: str
-    size: int  # of the Wasm layer, in bytes
+    size: int  # of the layer, in bytes
     config_media_type: str
     annotations: Mapping[str, str] = field(default_factory=dict)
 
@@ -222,40 +234,115 @@ def wasm_config(layer_digest: str, created: str) -> bytes:
     return json.dumps(config, separators=(",", ":")).encode()
 
 
+@dataclass(frozen=True, slots=True)
+class ArtifactKind:
+    """What one kind of artifact is made of: its layer's media type and how to name its errors."""
+
+    noun: str  # "Wasm", "model"
+    layer_media_type: str
+    error: type[RegistryError]
+    hint: str  # what to push instead of an image index
+
+
+WASM_ARTIFACT = ArtifactKind(
+    "Wasm", WASM_LAYER_MEDIA_TYPE, NotWasmArtifact, "push the module itself, e.g. with propctl push"
+)
+MODEL_ARTIFACT = ArtifactKind(
+    "model", MODEL_LAYER_MEDIA_TYPE, NotModelArtifact, "push the .npy file itself"
+)
+
+
+def artifact_layer(
+    manifest: Mapping[str, Any], what: str, kind: ArtifactKind
+) -> tuple[str, int, str]:
+    """(layer digest, size, config media type) of the one ``kind`` layer, or ``kind.error``.
+
+    Accepted: any image manifest whose layers include exactly one layer of the kind's media
+    type, whatever its config (e.g. ``oras push ref m.wasm:application/wasm``).
+    """
+    media_type = manifest.get("mediaType")
+    if media_type in (OCI_INDEX, DOCKER_LIST) or "manifests" in manifest:
+        raise kind.error(
+            f"{what} is an image index (several platforms), not a {kind.noun} artifact: {kind.hint}"
+        )
+    config = manifest.get("config")
+    layers = manifest.get("layers")
+    if not isinstance(config, Mapping) or not isinstance(layers, list):
+        raise kind.error(f"{what} is not an image manifest (no config or layers)")
+    config_type = str(config.get("mediaType", ""))
+    found = [
+        x for x in layers if isinstance(x, Mapping) and x.get("mediaType") == kind.layer_media_type
+    ]
+    if len(found) != 1:
+        kinds = ", ".join(
+            sorted({str(x.get("mediaType")) for x in layers if isinstance(x, Mapping)})
+        )
+        raise kind.error(
+            f"{what} is not a {kind.noun} artifact: expected one {kind.layer_media_type} layer,"
+            f" found {len(found)} (config {config_type or '?'}; layers: {kinds or 'none'})"
+        )
+    digest, size = found[0].get("digest"), found[0].get("size")
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise kind.error(f"{what}: the {kind.noun} layer has no sha256 digest ({digest!r})")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise kind.error(f"{what}: the {kind.noun} layer has no valid size ({size!r})")
+    return digest, size, config_type
+
+
 def wasm_layer(manifest: Mapping[str, Any], what: str) -> tuple[str, int, str]:
     """(layer digest, size, config media type) of a Wasm artifact manifest, or NotWasmArtifact.
 
     Accepted: the CNCF layout (Wasm config media type), or any image manifest whose layers
     include exactly one ``application/wasm`` (e.g. ``oras push ref m.wasm:application/wasm``).
     """
-    media_type = manifest.get("mediaType")
-    if media_type in (OCI_INDEX, DOCKER_LIST) or "manifests" in manifest:
-        raise NotWasmArtifact(
-            f"{what} is an image index (several platforms), not a Wasm artifact:"
-            " push the module itself, e.g. with propctl push"
+    return artifact_layer(manifest, what, WASM_ARTIFACT)
+
+
+def npy_header(data: bytes, what: str) -> tuple[str, tuple[int, ...]]:
+    """(dtype, shape) from the header of ``.npy`` bytes, checked against their length.
+
+    Only the header is parsed, so a large model is not copied; ``NotModelArtifact`` when the
+    bytes are not one ``.npy`` array that loads without pickle.
+    """
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+    except (ValueError, EOFError, SyntaxError) as exc:
+        raise NotModelArtifact(f"{what} is not a .npy array: {exc}") from None
+    if dtype.hasobject:
+        raise NotModelArtifact(f"{what} holds Python objects (dtype {dtype}), not numbers")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) - stream.tell() != expected:
+        raise NotModelArtifact(
+            f"{what}: the header says {dtype.str} of shape {tuple(shape)} ({expected} bytes),"
+            f" but {len(data) - stream.tell()} bytes follow it"
         )
-    config = manifest.get("config")
-    layers = manifest.get("layers")
-    if not isinstance(config, Mapping) or not isinstance(layers, list):
-        raise NotWasmArtifact(f"{what} is not an image manifest (no config or layers)")
-    config_type = str(config.get("mediaType", ""))
-    wasm = [
-        x for x in layers if isinstance(x, Mapping) and x.get("mediaType") == WASM_LAYER_MEDIA_TYPE
-    ]
-    if len(wasm) != 1:
-        kinds = ", ".join(
-            sorted({str(x.get("mediaType")) for x in layers if isinstance(x, Mapping)})
-        )
-        raise NotWasmArtifact(
-            f"{what} is not a Wasm artifact: expected one {WASM_LAYER_MEDIA_TYPE} layer,"
-            f" found {len(wasm)} (config {config_type or '?'}; layers: {kinds or 'none'})"
-        )
-    digest, size = wasm[0].get("digest"), wasm[0].get("size")
-    if not isinstance(digest, str) or not _DIGEST.match(digest):
-        raise NotWasmArtifact(f"{what}: the Wasm layer has no sha256 digest ({digest!r})")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise NotWasmArtifact(f"{what}: the Wasm layer has no valid size ({size!r})")
-    return digest, size, config_type
+    return dtype.str, tuple(int(d) for d in shape)
+
+
+def model_config(data: bytes, layer_digest: str, what: str) -> bytes:
+    """The config blob of a model artifact: the array's dtype and shape, and the layer."""
+    dtype, shape = npy_header(data, what)
+    config = {"dtype": dtype, "shape": list(shape), "layerDigests": [layer_digest]}
+    return json.dumps(config, separators=(",", ":")).encode()
+
+
+def _push_target(ref: Reference | str) -> Reference:
+    """``ref`` parsed, and refused unless it names a tag: a push cannot target a digest."""
+    ref = parse_reference(ref) if isinstance(ref, str) else ref
+    if ref.digest is not None or ref.tag is None:
+        raise InvalidReference(f"{ref}: push to a tag (registry/repository:tag), not a digest")
+    return ref
+
+
+def _timestamp(moment: datetime.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _utc_now() -> datetime.datetime:
@@ -486,34 +573,86 @@ class RegistryClient:
         win over it); the layer is titled with the file name. Raises ``OSError`` when the file
         cannot be read, ``NotWasmArtifact`` when it is not a core module.
         """
-        ref = parse_reference(ref) if isinstance(ref, str) else ref
-        if ref.digest is not None or ref.tag is None:
-            raise InvalidReference(f"{ref}: push to a tag (registry/repository:tag), not a digest")
+        ref = _push_target(ref)
         path = Path(path)
         data = path.read_bytes()
         check_wasm_module(data, str(path))
+        created = _timestamp(self._clock())
+        return self.push_blob_artifact(
+            data,
+            ref,
+            file_name=path.name,
+            layer_media_type=WASM_LAYER_MEDIA_TYPE,
+            config_media_type=WASM_CONFIG_MEDIA_TYPE,
+            config=wasm_config(sha256_digest(data), created),
+            annotations={ANNOTATION_CREATED: created, **(annotations or {})},
+        )
+
+    def push_model(
+        self,
+        data: bytes,
+        ref: Reference | str,
+        annotations: Mapping[str, str] | None = None,
+        *,
+        file_name: str = "model.npy",
+    ) -> PushResult:
+        """Push a ``.npy`` model as a model artifact under ``ref``'s tag.
+
+        The config records the array's dtype and shape, read from the ``.npy`` header.
+        ``NotModelArtifact`` when ``data`` is not one ``.npy`` array.
+        """
+        ref = _push_target(ref)
+        config = model_config(data, sha256_digest(data), f"model for {ref}")
+        return self.push_blob_artifact(
+            data,
+            ref,
+            file_name=file_name,
+            layer_media_type=MODEL_LAYER_MEDIA_TYPE,
+            config_media_type=MODEL_CONFIG_MEDIA_TYPE,
+            config=config,
+            annotations=annotations,
+        )
+
+    def push_blob_artifact(
+        self,
+        data: bytes,
+        ref: Reference | str,
+        *,
+        file_name: str,
+        layer_media_type: str,
+        config_media_type: str,
+        config: bytes,
+        annotations: Mapping[str, str] | None = None,
+    ) -> PushResult:
+        """Push ``data`` as the one layer of an OCI image manifest under ``ref``'s tag.
+
+        The layer is titled ``file_name``; ``config`` is uploaded as the config blob. The
+        manifest gets ``org.opencontainers.image.created`` and the given annotations (which win
+        over it). The manifest digest is computed from the bytes sent and checked against the
+        one the registry answers with.
+        """
+        ref = _push_target(ref)
         layer_digest = sha256_digest(data)
-        created = self._clock().strftime("%Y-%m-%dT%H:%M:%SZ")
+        created = _timestamp(self._clock())
         container = self._container(ref)
 
-        layer = {"mediaType": WASM_LAYER_MEDIA_TYPE, "digest": layer_digest, "size": len(data),
-                 "annotations": {ANNOTATION_TITLE: path.name}}  # fmt: skip
-        config_bytes = wasm_config(layer_digest, created)
-        config = {"mediaType": WASM_CONFIG_MEDIA_TYPE, "digest": sha256_digest(config_bytes),
-                  "size": len(config_bytes)}  # fmt: skip
-        with tempfile.TemporaryDirectory(prefix="propctl-push-") as tmp:
-            # oras uploads from files; the module goes from a copy of the bytes we checked.
-            module_file = Path(tmp, "module.wasm")
-            module_file.write_bytes(data)
+        layer = {"mediaType": layer_media_type, "digest": layer_digest, "size": len(data),
+                 "annotations": {ANNOTATION_TITLE: file_name}}  # fmt: skip
+        config_descriptor = {"mediaType": config_media_type, "digest": sha256_digest(config),
+                             "size": len(config)}  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="propeller-push-") as tmp:
+            # oras uploads from files; the layer goes from a copy of the bytes we were given.
+            layer_file = Path(tmp, "layer")
+            layer_file.write_bytes(data)
             config_file = Path(tmp, "config.json")
-            config_file.write_bytes(config_bytes)
-            self._upload_blob(module_file, container, layer, ref)
-            self._upload_blob(config_file, container, config, ref)
+            config_file.write_bytes(config)
+            self._upload_blob(layer_file, container, layer, ref)
+            self._upload_blob(config_file, container, config_descriptor, ref)
 
         manifest: dict[str, Any] = {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
-            "config": config,
+            "config": config_descriptor,
             "layers": [layer],
             "annotations": {ANNOTATION_CREATED: created, **(annotations or {})},
         }
@@ -582,13 +721,16 @@ class RegistryClient:
         )
         return Manifest(ref, digest, media_type, content, document)
 
-    def resolve(self, ref: Reference | str) -> Resolved:
-        """Where ``ref`` points now: manifest digest, and the Wasm layer's digest and size.
+    def resolve(self, ref: Reference | str, kind: ArtifactKind = WASM_ARTIFACT) -> Resolved:
+        """Where ``ref`` points now: manifest digest, and its ``kind`` layer's digest and size.
 
-        A tag is looked up (so a moved tag gives a new digest); a digest is checked.
+        A tag is looked up (so a moved tag gives a new digest); a digest is checked. An
+        artifact without exactly one layer of the kind raises ``kind.error``.
         """
         manifest = self.fetch_manifest(ref)
-        layer_digest, size, config_type = wasm_layer(manifest.document, str(manifest.reference))
+        layer_digest, size, config_type = artifact_layer(
+            manifest.document, str(manifest.reference), kind
+        )
         raw = manifest.document.get("annotations") or {}
         annotations = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
         return Resolved(
@@ -630,6 +772,22 @@ class RegistryClient:
     def fetch_blob(self, ref: Reference | str, digest: str) -> bytes:
         """A whole blob, in memory, after checking its sha256."""
         return b"".join(self.iter_blob(ref, digest))
+
+    def pull_model(self, ref: Reference | str) -> bytes:
+        """The ``.npy`` bytes of the model artifact ``ref`` names, checked against its digest.
+
+        The layer is fetched from the manifest digest the reference resolved to, so a tag that
+        moves meanwhile cannot mix two artifacts.
+        """
+        resolved = self.resolve(ref, MODEL_ARTIFACT)
+        data = self.fetch_blob(resolved.pinned, resolved.layer_digest)
+        if len(data) != resolved.size:
+            raise RegistryError(
+                f"{resolved.reference}: the model layer is {len(data)} bytes,"
+                f" the manifest says {resolved.size}"
+            )
+        npy_header(data, f"the model in {resolved.reference}")
+        return data
 
     def download_blob(self, ref: Reference | str, digest: str, dest: Path | str) -> int:
         """Stream a blob into ``dest`` (atomically, only once verified); returns its size."""

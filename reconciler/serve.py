@@ -171,6 +171,7 @@ class Server:
             progress=lambda line: log.info("%s", line),
             wake=self._job_event,
             modules=self._lookup,
+            insecure_registry=self.options.insecure_registry,
         )
         self._coordinating = False
         # The last revision that passed, reused by passes that only move a job's rounds.

@@ -379,6 +379,38 @@ class Evaluation(Strict):
     limits: Limits = Field(default_factory=Limits)
 
 
+def _check_tag_reference(value: str) -> str:
+    match = re.match(IMAGE_REFERENCE, value)
+    if match is not None and match.group("digest") is not None:
+        raise ValueError(
+            f"{value!r} names a digest, but a push goes to a tag (the digest is known only"
+            " after it): use registry/repository[:tag], e.g. ghcr.io/acme/models/digits:final"
+        )
+    return value
+
+
+# IMAGE_REFERENCE without its optional "@sha256:..." part, for the exported schema.
+_DIGEST_SUFFIX = r"(@(?P<digest>sha256:[0-9a-f]{64}))?$"
+assert IMAGE_REFERENCE.endswith(_DIGEST_SUFFIX)
+_TAG_REFERENCE = IMAGE_REFERENCE.removesuffix(_DIGEST_SUFFIX) + "$"
+TagReference = Annotated[
+    str,
+    Field(max_length=512),
+    AfterValidator(_check_image),
+    AfterValidator(_check_tag_reference),
+    _pattern_schema(re.sub(r"\?P<\w+>", "", _TAG_REFERENCE)),
+]
+
+
+class Output(Strict):
+    """Where the final model goes once the job completes."""
+
+    image: TagReference = Field(
+        description="OCI reference to push to: registry/repository[:tag] (tag latest when"
+        " none), no digest"
+    )
+
+
 class FederatedJobSpec(Strict):
     trainer: Module
     model: ModelSource
@@ -401,6 +433,9 @@ class FederatedJobSpec(Strict):
     evaluation: Evaluation | None = None
     seed: int = Field(default=0, ge=0, le=2**53 - 1)
     limits: Limits = Field(default_factory=Limits)
+    output: Output | None = Field(
+        default=None, description="where the final model is pushed as an OCI artifact"
+    )
 
     @model_validator(mode="after")
     def _names(self) -> FederatedJobSpec:
