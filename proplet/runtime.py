@@ -18,8 +18,8 @@ guest blocked in a host call, so WASI sleeps are served by our own wait (see `_p
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
-import itertools
 import logging
 import math
 import struct
@@ -36,6 +36,7 @@ import wasmtime
 from wasmtime import _ffi as ffi
 
 from proplet.artifacts import DigestMismatch, digest_hex, sha256_digest, write_atomically
+from proplet.interrupt import interruptible
 
 log = logging.getLogger(__name__)
 
@@ -105,49 +106,6 @@ class Prepared:
     instance_pre: wasmtime.InstancePre
     functions: Mapping[str, wasmtime.FuncType]  # function exports, in module order
     wasi: bool  # imports wasi_snapshot_preview1, so each store needs a WASI context
-
-
-# --- the epoch deadline callback (raw FFI) -------------------------------------------------
-
-_EpochCallbackType = ctypes.CFUNCTYPE(
-    ctypes.c_size_t,
-    ctypes.POINTER(ffi.wasmtime_context_t),
-    ctypes.c_void_p,
-    ctypes.POINTER(ctypes.c_uint64),
-    ctypes.POINTER(ctypes.c_uint8),
-)
-_FinalizerType = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-_UPDATE_DEADLINE_CONTINUE = 0
-
-# Stores find their Execution through an integer key passed as the callback's data pointer, so
-# one module-level callback serves every store and no per-store ctypes closure can be freed
-# while wasmtime still holds it.
-_running: dict[int, Execution] = {}
-_keys = itertools.count(1)
-
-
-def _on_epoch(
-    _context: Any,
-    data: int | None,
-    delta: ctypes._Pointer[ctypes.c_uint64],
-    kind: ctypes._Pointer[ctypes.c_uint8],
-) -> int:
-    execution = _running.get(data or 0)
-    reason = execution._interruption() if execution is not None else None
-    if reason is None:
-        delta[0] = 1
-        kind[0] = _UPDATE_DEADLINE_CONTINUE
-        return 0
-    error = ffi.wasmtime_error_new(ctypes.create_string_buffer(reason.encode()))
-    return ctypes.cast(error, ctypes.c_void_p).value or 0
-
-
-def _no_finalizer(_data: int | None) -> None:
-    return None
-
-
-_EPOCH_CALLBACK = _EpochCallbackType(_on_epoch)
-_NO_FINALIZER = _FinalizerType(_no_finalizer)
 
 
 # --- Runtime --------------------------------------------------------------------------------
@@ -555,15 +513,11 @@ class Execution:
         if not self._runtime._begin(self):
             store.close()
             return outcome("stopped", error="stopped: the runtime is closed")
-        key = next(_keys)
-        _running[key] = self
         _current.execution = self
         instance: wasmtime.Instance | None = None
+        stack = contextlib.ExitStack()
         try:
-            store.set_epoch_deadline(1)
-            ffi.wasmtime_store_epoch_deadline_callback(
-                store.ptr(), _EPOCH_CALLBACK, key, _NO_FINALIZER
-            )
+            stack.enter_context(interruptible(store, self))
             if self.limits.memory is not None:
                 store.set_limits(memory_size=self.limits.memory)
             if self.prepared.metered:
@@ -591,7 +545,7 @@ class Execution:
             # Close now, on this thread: a store left to the garbage collector can be dropped
             # during interpreter shutdown, when wasmtime's output threads can no longer call in.
             store.close()
-            _running.pop(key, None)
+            stack.close()
             _current.execution = None
         if inv.function is None:
             return outcome("completed", exit_code=0)
@@ -599,7 +553,7 @@ class Execution:
 
     # -- internals
 
-    def _interruption(self) -> str | None:
+    def interruption(self) -> str | None:
         """Called from the epoch callback on the running thread: why to interrupt, if at all."""
         if self._reason is not None:
             return self._reason

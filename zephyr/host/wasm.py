@@ -32,9 +32,8 @@ the ticker thread, which runs only while some run does.
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import hashlib
-import itertools
 import logging
 import threading
 import time
@@ -44,7 +43,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import wasmtime
-from wasmtime import _ffi as ffi
+
+from proplet.interrupt import interruptible
 
 log = logging.getLogger(__name__)
 
@@ -84,42 +84,8 @@ class RunResult:
     elapsed_ms: float = 0.0
 
 
-# --- the epoch deadline callback ------------------------------------------------------------
-
-_EpochCallback = ctypes.CFUNCTYPE(
-    ctypes.c_size_t,
-    ctypes.POINTER(ffi.wasmtime_context_t),
-    ctypes.c_void_p,
-    ctypes.POINTER(ctypes.c_uint64),
-    ctypes.POINTER(ctypes.c_uint8),
-)
-_Finalizer = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-_CONTINUE = 0
-
-# One callback object serves every store; a store finds its Run by the integer passed as the
-# callback's data, so no per-store ctypes closure can be collected while wasmtime holds it.
-_runs: dict[int, Run] = {}
-_run_keys = itertools.count(1)
+# Runs on this thread, for the host functions (the epoch callback finds its run by key).
 _current = threading.local()
-
-
-def _on_epoch(_context: Any, data: int | None, delta: Any, kind: Any) -> int:
-    run = _runs.get(data or 0)
-    reason = run._interruption() if run is not None else None
-    if reason is None:
-        delta[0] = 1
-        kind[0] = _CONTINUE
-        return 0
-    error = ffi.wasmtime_error_new(ctypes.create_string_buffer(reason.encode()))
-    return ctypes.cast(error, ctypes.c_void_p).value or 0
-
-
-def _no_finalizer(_data: int | None) -> None:
-    return None
-
-
-_EPOCH_CALLBACK = _EpochCallback(_on_epoch)
-_NO_FINALIZER = _Finalizer(_no_finalizer)
 
 
 # --- the host API ---------------------------------------------------------------------------
@@ -153,7 +119,7 @@ def _host_sleep_ms(ms: int) -> None:
     run = _running()
     if ms > 0:
         run._sleep(ms / 1000)
-    if run._interruption() is not None:
+    if run.interruption() is not None:
         # End the run here rather than at the next epoch tick; the reason is already recorded.
         raise RuntimeError("interrupted")
 
@@ -421,15 +387,11 @@ class Run:
         if not self.executor._begin(self):
             store.close()
             return done("stopped", error="stopped: the board is shutting down")
-        key = next(_run_keys)
-        _runs[key] = self
         _current.run = self
         instance = None
+        stack = contextlib.ExitStack()
         try:
-            store.set_epoch_deadline(1)
-            ffi.wasmtime_store_epoch_deadline_callback(
-                store.ptr(), _EPOCH_CALLBACK, key, _NO_FINALIZER
-            )
+            stack.enter_context(interruptible(store, self))
             store.set_limits(memory_size=self.memory_cap)
             try:
                 instance = compiled.instance_pre.instantiate(store)
@@ -447,14 +409,14 @@ class Run:
         finally:
             self.executor._end(self)
             store.close()
-            _runs.pop(key, None)
+            stack.close()
             _current.run = None
         text = None if result_kind is None else str(value)
         return done("completed", result=text)
 
     # -- called on the worker thread from the callback and host functions
 
-    def _interruption(self) -> str | None:
+    def interruption(self) -> str | None:
         if self._reason is None:
             if self._stop_requested:
                 self._reason = "stopped"

@@ -1,0 +1,74 @@
+"""Stopping a running Wasm store from another thread: wasmtime's epoch deadline callback.
+
+wasmtime-py does not expose the callback, so it is set through the raw C API. Each store gets
+a deadline of one epoch; when a ticker thread increments the engine's epoch, the callback asks
+the store's owner (``Interruptible.interruption``) whether to go on. ``None`` extends the
+deadline by one epoch; a reason ends the run with a trap whose message is that reason.
+
+Stores find their owner through an integer key passed as the callback's data pointer, so one
+module-level callback serves every store, and no per-store ctypes closure can be freed while
+wasmtime still holds it. The board emulator (``zephyr.host``) uses the same hook.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import wasmtime
+from wasmtime import _ffi as ffi
+
+
+class Interruptible(Protocol):
+    def interruption(self) -> str | None:
+        """Why the run must end now, or ``None`` to let it go on. Called on its own thread."""
+        ...
+
+
+_EpochCallbackType = ctypes.CFUNCTYPE(
+    ctypes.c_size_t,
+    ctypes.POINTER(ffi.wasmtime_context_t),
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint64),
+    ctypes.POINTER(ctypes.c_uint8),
+)
+_FinalizerType = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_UPDATE_DEADLINE_CONTINUE = 0
+
+_owners: dict[int, Interruptible] = {}
+_keys = itertools.count(1)
+
+
+def _on_epoch(_context: Any, data: int | None, delta: Any, kind: Any) -> int:
+    owner = _owners.get(data or 0)
+    reason = owner.interruption() if owner is not None else None
+    if reason is None:
+        delta[0] = 1
+        kind[0] = _UPDATE_DEADLINE_CONTINUE
+        return 0
+    error = ffi.wasmtime_error_new(ctypes.create_string_buffer(reason.encode()))
+    return ctypes.cast(error, ctypes.c_void_p).value or 0
+
+
+def _no_finalizer(_data: int | None) -> None:
+    return None
+
+
+_EPOCH_CALLBACK = _EpochCallbackType(_on_epoch)
+_NO_FINALIZER = _FinalizerType(_no_finalizer)
+
+
+@contextmanager
+def interruptible(store: wasmtime.Store, owner: Interruptible) -> Iterator[None]:
+    """While inside, every epoch tick of ``store``'s engine asks ``owner`` whether to go on."""
+    key = next(_keys)
+    _owners[key] = owner
+    try:
+        store.set_epoch_deadline(1)
+        ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), _EPOCH_CALLBACK, key, _NO_FINALIZER)
+        yield
+    finally:
+        _owners.pop(key, None)
