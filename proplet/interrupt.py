@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -72,3 +74,71 @@ def interruptible(store: wasmtime.Store, owner: Interruptible) -> Iterator[None]
         yield
     finally:
         _owners.pop(key, None)
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+class Ticker:
+    """The runs in progress, and one thread that ticks their engines' epochs while any runs.
+
+    Each tick makes wasmtime call every running store's epoch callback (``interruptible``),
+    which is how a stop or a timeout reaches a guest spinning in Wasm code. With no run in
+    progress the thread sleeps on a condition and costs nothing.
+    """
+
+    def __init__(self, engines: Callable[[], Iterable[wasmtime.Engine]], period: float) -> None:
+        self._engines = engines
+        self._period = period
+        self._cond = threading.Condition()
+        self._active: set[Stoppable] = set()
+        self._thread: threading.Thread | None = None
+        self.closed = False
+
+    @property
+    def running(self) -> int:
+        with self._cond:
+            return len(self._active)
+
+    def begin(self, run: Stoppable) -> bool:
+        """Count ``run`` as running and make sure epochs tick; False once closed."""
+        with self._cond:
+            if self.closed:
+                return False
+            self._active.add(run)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._tick, name="wasm-epoch-ticker", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+            return True
+
+    def end(self, run: Stoppable) -> None:
+        with self._cond:
+            self._active.discard(run)
+
+    def close(self) -> None:
+        """Stop every run, then the thread."""
+        with self._cond:
+            self.closed = True
+            active = list(self._active)
+            self._cond.notify_all()
+        for run in active:
+            run.stop()
+        if self._thread is not None:
+            # Bounded: a guest blocked in a host call other than a sleep sees its stop only
+            # when that call returns.
+            self._thread.join(timeout=2.0)
+
+    def _tick(self) -> None:
+        while True:
+            with self._cond:
+                while not self._active and not self.closed:
+                    self._cond.wait()
+                if self.closed and not self._active:
+                    return
+            time.sleep(self._period)
+            for engine in self._engines():
+                engine.increment_epoch()

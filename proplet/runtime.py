@@ -36,7 +36,7 @@ import wasmtime
 from wasmtime import _ffi as ffi
 
 from proplet.artifacts import DigestMismatch, digest_hex, sha256_digest, write_atomically
-from proplet.interrupt import interruptible
+from proplet.interrupt import Ticker, interruptible
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +120,8 @@ class Runtime:
         # The metered engine (fuel) is made on first use: most agents never run a fuel limit.
         self._engines = {False: _engine(False)}
         self._linkers = {False: _linker(self._engines[False])}
-        self._lock = threading.Condition()
-        self._active: set[Execution] = set()
-        self._ticker: threading.Thread | None = None
-        self._closed = False
+        self._lock = threading.Lock()
+        self._ticker = Ticker(self._all_engines, TICK_SECONDS)
         self.compilations = 0  # modules compiled (not loaded from cache) by this Runtime
         # Prepared modules kept in memory: a repeated run skips reading, deserializing, linking.
         self._prepared: OrderedDict[tuple[str, bool], Prepared] = OrderedDict()
@@ -137,8 +135,7 @@ class Runtime:
     @property
     def running(self) -> int:
         """How many executions are inside `run()` right now."""
-        with self._lock:
-            return len(self._active)
+        return self._ticker.running
 
     def is_prepared(self, digest: str, metered: bool) -> bool:
         return self.cache_path(digest, metered).is_file()
@@ -190,22 +187,13 @@ class Runtime:
     def execution(self, prepared: Prepared, invocation: Invocation, limits: Limits) -> Execution:
         if limits.fuel is not None and not prepared.metered:
             raise ValueError("a fuel limit needs a module prepared with metered=True")
-        if self._closed:
+        if self._ticker.closed:
             raise RuntimeError("runtime is closed")
         return Execution(self, prepared, invocation, limits)
 
     def close(self) -> None:
         """Stop every running execution and the ticker."""
-        with self._lock:
-            self._closed = True
-            active = list(self._active)
-            self._lock.notify_all()
-        for execution in active:
-            execution.stop()
-        if self._ticker is not None:
-            # Bounded: a guest blocked in a host call other than a sleep sees its stop only
-            # when that call returns.
-            self._ticker.join(timeout=2.0)
+        self._ticker.close()
 
     # -- internals
 
@@ -256,21 +244,14 @@ class Runtime:
 
     def _begin(self, execution: Execution) -> bool:
         """Count the execution as running and make sure epochs tick; False once closed."""
-        with self._lock:
-            if self._closed:
-                return False
-            self._active.add(execution)
-            if self._ticker is None:
-                self._ticker = threading.Thread(
-                    target=self._tick, name="wasm-epoch-ticker", daemon=True
-                )
-                self._ticker.start()
-            self._lock.notify_all()
-            return True
+        return self._ticker.begin(execution)
 
     def _end(self, execution: Execution) -> None:
+        self._ticker.end(execution)
+
+    def _all_engines(self) -> list[wasmtime.Engine]:
         with self._lock:
-            self._active.discard(execution)
+            return list(self._engines.values())
 
     def _engine(self, metered: bool) -> wasmtime.Engine:
         with self._lock:
@@ -282,20 +263,6 @@ class Runtime:
     def _nudge(self, prepared: Prepared) -> None:
         """Run the deadline callbacks of this engine's stores now rather than at the next tick."""
         self._engine_for(prepared).increment_epoch()
-
-    def _tick(self) -> None:
-        while True:
-            with self._lock:
-                # Idle: sleep on the condition, no wake-ups until an execution begins.
-                while not self._active and not self._closed:
-                    self._lock.wait()
-                if self._closed and not self._active:
-                    return
-            time.sleep(TICK_SECONDS)
-            with self._lock:
-                engines = list(self._engines.values())
-            for engine in engines:
-                engine.increment_epoch()
 
 
 def _linker(engine: wasmtime.Engine) -> wasmtime.Linker:

@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 import wasmtime
 
-from proplet.interrupt import interruptible
+from proplet.interrupt import Ticker, interruptible
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +168,8 @@ class Executor:
         self._modules_in_memory = modules_in_memory
         self._modules: OrderedDict[str, Compiled] = OrderedDict()
         self._compiling: dict[str, threading.Lock] = {}
-        self._lock = threading.Condition()
-        self._active: set[Run] = set()
-        self._ticker: threading.Thread | None = None
-        self._closed = False
+        self._lock = threading.Lock()
+        self._ticker = Ticker(lambda: (self.engine,), TICK_SECONDS)
         self._booted = time.monotonic()
         self.compilations = 0
 
@@ -180,8 +178,7 @@ class Executor:
 
     @property
     def running(self) -> int:
-        with self._lock:
-            return len(self._active)
+        return self._ticker.running
 
     def compile(self, digest: str, wasm: bytes) -> Compiled:
         """The compiled module for ``digest``, from memory or compiled now (once per digest).
@@ -229,14 +226,7 @@ class Executor:
 
     def close(self) -> None:
         """Stop every run and the ticker."""
-        with self._lock:
-            self._closed = True
-            active = list(self._active)
-            self._lock.notify_all()
-        for run in active:
-            run.stop()
-        if self._ticker is not None:
-            self._ticker.join(timeout=2.0)
+        self._ticker.close()
 
     # -- internals
 
@@ -274,31 +264,10 @@ class Executor:
         return Compiled(digest, module, instance_pre, functions)
 
     def _begin(self, run: Run) -> bool:
-        with self._lock:
-            if self._closed:
-                return False
-            self._active.add(run)
-            if self._ticker is None:
-                self._ticker = threading.Thread(
-                    target=self._tick, name="wasm-epoch-ticker", daemon=True
-                )
-                self._ticker.start()
-            self._lock.notify_all()
-            return True
+        return self._ticker.begin(run)
 
     def _end(self, run: Run) -> None:
-        with self._lock:
-            self._active.discard(run)
-
-    def _tick(self) -> None:
-        while True:
-            with self._lock:
-                while not self._active and not self._closed:
-                    self._lock.wait()
-                if self._closed and not self._active:
-                    return
-            time.sleep(TICK_SECONDS)
-            self.engine.increment_epoch()
+        self._ticker.end(run)
 
 
 class Run:
