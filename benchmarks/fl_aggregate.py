@@ -50,7 +50,7 @@ def main() -> int:
     parser.add_argument("-o", "--output", choices=["text", "json"], default="text")
     args = parser.parse_args()
     if args.smoke:
-        args.updates, args.params, args.repeats = 10, 100_000, 2
+        args.updates, args.params, args.repeats = 10, 100_000, 5
 
     rng = np.random.default_rng(0)
     print(f"filling {args.updates} updates of {args.params} parameters", file=sys.stderr)

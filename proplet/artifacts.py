@@ -65,7 +65,8 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def _file_digest(path: Path) -> tuple[str, int]:
+def file_digest(path: Path) -> tuple[str, int]:
+    """The ``sha256:`` digest and size of a file, read in 1 MiB pieces."""
     hasher = hashlib.sha256()
     size = 0
     with path.open("rb") as f:
@@ -189,7 +190,7 @@ class ArtifactStore:
         """
         target = self.path(digest)
         try:
-            actual, size = _file_digest(source)
+            actual, size = file_digest(source)
             if actual != digest:
                 raise DigestMismatch(f"expected {digest}, got {actual} ({size} bytes)")
             self._dir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from proplet.artifacts import file_digest
 from schemas.messages import MAX_TASK_FILES, ArtifactOffer, ArtifactRef, chunk_count
 from schemas.topics import Namespace
 
@@ -152,20 +153,10 @@ def collect(directory: Path, limit: int) -> list[OutputFile]:
     total = sum(size for *_, size in found)
     if total > limit:
         raise FilesError(f"outputs: {total} bytes written, the limit is {limit}")
-    return [OutputFile(name, path, *_hash_file(path)) for name, path, _ in found]
+    return [OutputFile(name, path, *file_digest(path)) for name, path, _ in found]
 
 
 _ONLY_FILES = "only plain files at the top of /out are uploaded"
-
-
-def _hash_file(path: Path) -> tuple[str, int]:
-    hasher = hashlib.sha256()
-    size = 0
-    with path.open("rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            hasher.update(chunk)
-            size += len(chunk)
-    return "sha256:" + hasher.hexdigest(), size
 
 
 def upload(
