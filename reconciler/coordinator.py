@@ -70,6 +70,10 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 STATUS_HISTORY = 100
+# A job whose status another machine's coordinator refreshed this recently is left to it; a
+# driving coordinator refreshes its statuses well within that time.
+LEASE_SECONDS = 30.0
+REFRESH_SECONDS = 10.0
 # Annotations of a pushed final model (beside org.opencontainers.image.created).
 ANNOTATION_JOB = "dev.propeller.job"
 ANNOTATION_ROUNDS = "dev.propeller.rounds"
@@ -284,11 +288,25 @@ class Coordinator:
             on_complete=self._upload_done,
         )
         self._lock = threading.Lock()
-        self._published: dict[str, bytes] = {}
+        self._published: dict[str, tuple[bytes, float]] = {}
+        self._seen: dict[str, JobStatus] = {}  # the statuses on the broker, by job
+        self._elsewhere: dict[str, str] = {}  # jobs another machine drives, and which
 
     def attach(self) -> None:
         self.uploads.attach(self.broker)
         self.broker.subscribe(self.ns.fleet_results(), self._on_result, qos=1)
+        self.broker.subscribe(self.ns.jobs(), self._on_status, qos=0)
+
+    def _on_status(self, topic: str, payload: bytes, _retained: bool) -> None:
+        if not payload:
+            return
+        try:
+            status = decode(JobStatus, payload)
+        except DecodeError as exc:
+            log.warning("dropped job status on %s: %s", topic, exc)
+            return
+        with self._lock:
+            self._seen[status.job] = status
 
     # -- network thread: hand over only -------------------------------------------------------
 
@@ -385,6 +403,8 @@ class Coordinator:
         tasks: list[ResolvedTask] = []
         retired: dict[str, str] = {}
         for run in list(self.runs.values()):
+            if self._driven_elsewhere(run):
+                continue  # its tasks stay as they are: the plan leaves a job's tasks alone
             self._advance(run, observed)
             if run.round is not None:
                 tasks.append(run.round.task)
@@ -736,13 +756,31 @@ class Coordinator:
         )
 
     def publish_statuses(self) -> None:
+        """Publish each changed status, and each unchanged one every ``REFRESH_SECONDS``."""
+        now = self.clock()
         for run in self.runs.values():
+            if run.name in self._elsewhere:
+                continue
             status = self.status(run)
             key = status.model_copy(update={"updated_at": 0.0}).encode()
-            if self._published.get(run.name) == key:
+            sent = self._published.get(run.name)
+            if sent is not None and sent[0] == key and now - sent[1] < REFRESH_SECONDS:
                 continue
-            self._published[run.name] = key
+            self._published[run.name] = (key, now)
             self.broker.publish(self.ns.job_status(run.name), status.encode(), qos=1, retain=True)
+
+    def _driven_elsewhere(self, run: JobRun) -> bool:
+        with self._lock:
+            seen = self._seen.get(run.name)
+        other = driven_elsewhere(seen, self.name, self.clock(), LEASE_SECONDS)
+        if other != self._elsewhere.get(run.name):
+            if other is None:
+                self._elsewhere.pop(run.name, None)
+                self.progress(f"job {run.name}: its other coordinator went quiet; taking over")
+            else:
+                self._elsewhere[run.name] = other
+                self.progress(f"job {run.name}: driven by {other}; leaving it alone")
+        return other is not None
 
 
 @contextlib.contextmanager
@@ -797,3 +835,22 @@ def read_jobs(broker: Broker, timeout: float = 5.0) -> list[JobStatus]:
         except DecodeError as exc:
             log.warning("dropped job status on %s: %s", topic, exc)
     return statuses
+
+
+def driven_elsewhere(status: JobStatus | None, me: str, now: float, lease: float) -> str | None:
+    """The coordinator on another machine that drives the job now, if any.
+
+    Coordinators are named ``propctl@HOST:PID``. One on this host is not a rival: the fleet
+    lock already keeps passes on one machine apart, and a restarted coordinator (a new pid)
+    must take its job back at once. A finished job, or a status older than ``lease``, belongs
+    to no one.
+    """
+    if status is None or status.phase in TERMINAL or now - status.updated_at >= lease:
+        return None
+    if _host(status.coordinator) == _host(me):
+        return None
+    return status.coordinator
+
+
+def _host(name: str) -> str:
+    return name.partition("@")[2].rpartition(":")[0]
