@@ -89,6 +89,12 @@ class Session:
         client.on_connect = self._handle_connect
         client.on_message = self._handle_message
         client.on_disconnect = self._handle_disconnect
+        # Only the network thread writes to the socket. Without a registered write callback,
+        # paho sends a packet queued from another thread (a worker publishing a result or an
+        # upload chunk) on that thread at once, and two threads sending at the same time can
+        # interleave the bytes of a large packet with another one. With the callback set, a
+        # publish only queues the packet and wakes the loop, which sends it.
+        client.on_socket_register_write = _loop_writes
         self._client = client
 
     # Owner-facing API.
@@ -186,6 +192,10 @@ class Session:
 
     def _handle_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self._on_message(msg.topic, bytes(msg.payload), bool(msg.retain))
+
+
+def _loop_writes(_client: mqtt.Client, _userdata: Any, _sock: Any) -> None:
+    """Nothing to do: the loop in ``Session._run`` sends what is queued."""
 
 
 def _no_delay(client: mqtt.Client) -> None:
