@@ -114,6 +114,7 @@ def load(
     jobs: list[ResolvedJob] = []
     for document, manifest in documents:
         found = _module_file(document, read_module, digests, problems, revision)
+        model = _job_files(document, read_module, digests, problems, revision)
         if isinstance(manifest, Task):
             task = _resolve(document, manifest, found)
             if task is not None:
@@ -121,7 +122,7 @@ def load(
                 if task.digest is not None and manifest.spec.module.file is not None:
                     modules.setdefault(task.digest, manifest.spec.module.file)
         elif isinstance(manifest, FederatedJob):
-            job = _resolve_job(document, manifest, found, read_module, digests, problems, revision)
+            job = _resolve_job(document, manifest, found, model)
             if job is not None:
                 jobs.append(job)
                 if job.trainer.digest is not None and manifest.spec.trainer.file is not None:
@@ -392,25 +393,34 @@ def _resolve(document: _Document, task: Task, found: tuple[str, int] | None) -> 
     )
 
 
-def _resolve_job(
+def _job_files(
     document: _Document,
-    job: FederatedJob,
-    found: tuple[str, int] | None,
     read_module: Callable[[str], bytes | None],
     digests: dict[str, tuple[str, int] | None],
     problems: list[Problem],
     revision: str,
-) -> ResolvedJob | None:
-    """A job with its trainer resolved like a task's module, and its files checked."""
-    spec = job.spec
-    model: tuple[str, int] | None = None
-    if spec.model.file is not None:
-        model = _repo_file(
-            document, ("spec", "model", "file"), read_module, digests, problems, revision
-        )
-    if spec.evaluation is not None:
-        for index, name in enumerate(spec.evaluation.files):
-            path = f"{spec.evaluation.data}/{name}"
+) -> tuple[str, int] | None:
+    """A job's model file and evaluation files must exist; the model's digest and size.
+
+    Read from the plain document, so a job with other problems still gets these checked.
+    """
+    if _dig(document.data, "kind") != FederatedJob.KIND:
+        return None
+    model = _repo_file(
+        document, ("spec", "model", "file"), read_module, digests, problems, revision
+    )
+    data, files = (
+        _dig(document.data, "spec", "evaluation", "data"),
+        _dig(document.data, "spec", "evaluation", "files"),
+    )
+    if isinstance(data, str) and isinstance(files, list):
+        for index, name in enumerate(files):
+            if not isinstance(name, str):
+                continue
+            try:
+                path = check_repo_path(f"{data}/{name}")
+            except ValueError:
+                continue  # reported by validation
             if read_module(path) is None:
                 problems.append(
                     document.problem(
@@ -418,6 +428,17 @@ def _resolve_job(
                         f"spec.evaluation.files: '{path}' does not exist at revision {revision}",
                     )
                 )
+    return model
+
+
+def _resolve_job(
+    document: _Document,
+    job: FederatedJob,
+    found: tuple[str, int] | None,
+    model: tuple[str, int] | None,
+) -> ResolvedJob | None:
+    """A job with its trainer resolved like a task's module (its files are checked already)."""
+    spec = job.spec
     if spec.trainer.file is not None and found is None:
         return None
     digest, size = found if found is not None else (None, None)

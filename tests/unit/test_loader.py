@@ -260,3 +260,55 @@ def test_yaml_scalars_become_plain_values() -> None:
 def test_no_files_is_an_empty_state() -> None:
     desired = load({}, reader(), "r")
     assert (desired.tasks, dict(desired.modules)) == ((), {})
+
+
+JOB = b"""\
+apiVersion: propeller/v1
+kind: FederatedJob
+metadata:
+  name: digits
+spec:
+  trainer:
+    file: modules/hello.wasm
+  model:
+    file: models/start.npy
+  rounds: 3
+  evaluation:
+    data: eval
+    files: [digits/x.npy]
+"""
+
+
+def test_a_federated_job_resolves_its_trainer_and_model() -> None:
+    files = {**MODULES, "models/start.npy": b"npy", "eval/digits/x.npy": b"x"}
+    desired = load({"jobs/j.yaml": JOB}, reader(files), "c0ffee")
+    [job] = desired.jobs
+    assert (job.name, job.trainer.digest, job.trainer.size) == ("digits", WASM_DIGEST, len(WASM))
+    assert job.model == ("sha256:" + hashlib.sha256(b"npy").hexdigest(), 3)
+    assert desired.modules[WASM_DIGEST] == "modules/hello.wasm"  # served like a task's module
+    assert desired.tasks == ()
+    # The hash names the job: the same manifest gives the same one, another model a new one.
+    again = load({"jobs/j.yaml": JOB}, reader(files), "beef")
+    changed = load({"jobs/j.yaml": JOB}, reader({**files, "models/start.npy": b"v2"}), "beef")
+    assert again.jobs[0].spec_hash == job.spec_hash != changed.jobs[0].spec_hash
+
+
+def test_a_federated_job_reports_every_missing_file_even_when_invalid() -> None:
+    broken = JOB.replace(b"rounds: 3", b"rounds: 0").replace(b"hello.wasm", b"nope.wasm")
+    found = problems_of({"jobs/j.yaml": broken})
+    assert [(line, message.split(":")[0]) for _file, line, message in found] == [
+        (7, "spec.trainer.file"),
+        (9, "spec.model.file"),
+        (10, "spec.rounds"),
+        (13, "spec.evaluation.files"),
+    ]
+
+
+def test_a_job_may_not_take_a_task_name() -> None:
+    task = HELLO.replace(b"name: hello", b"name: digits")
+    files = {**MODULES, "models/start.npy": b"npy", "eval/digits/x.npy": b"x"}
+    with pytest.raises(InvalidManifests) as raised:
+        load({"a.yaml": task, "b.yaml": JOB}, reader(files), "c0ffee")
+    [problem] = raised.value.problems
+    assert (problem.file, problem.line) == ("b.yaml", 4)
+    assert "has the name of a Task" in problem.message
