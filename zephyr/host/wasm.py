@@ -364,7 +364,13 @@ class Run:
             store.set_limits(memory_size=self.memory_cap)
             try:
                 instance = compiled.instance_pre.instantiate(store)
-                func = instance.exports(store)[self.call.function]
+                exports = instance.exports(store)
+                if "_initialize" in compiled.functions:
+                    # A reactor sets itself up first, as on the firmware and the proplet.
+                    setup = exports["_initialize"]
+                    assert isinstance(setup, wasmtime.Func)
+                    setup(store)
+                func = exports[self.call.function]
                 assert isinstance(func, wasmtime.Func)  # Compiled.functions lists only functions
                 value = func(store, *params)
             except Exception as exc:
