@@ -146,6 +146,12 @@ def reconcile(
                 return run_pass(broker, view, desired, options, progress, timings)
             modules = module_reader(revision, desired)
             if not (options.wait and desired.jobs):
+                if desired.jobs:
+                    names = ", ".join(job.name for job in desired.jobs)
+                    progress(
+                        f"federated job(s) {names}: rounds run only under apply --wait or"
+                        " propctl serve; this pass leaves their tasks as they are"
+                    )
                 with ArtifactServer(broker, settings.namespace, modules):
                     return run_pass(broker, view, desired, options, progress, timings)
             state_dir = options.state_dir or cache_dir / "state"

@@ -311,3 +311,15 @@ def test_serve_drives_a_job_and_resumes_it_after_a_restart(
     assert final_model(again.state_dir, "toy").tolist() == [3.0, 3.0, 3.0, 3.0]
     # Rounds moved without waiting for the 30 s timer or the gap between triggered passes.
     assert all(r["seconds"] < 5 for r in job["history"])
+
+
+def test_apply_without_wait_says_the_job_needs_a_coordinator(
+    fleet: Fleet, propctl: Propctl, tmp_path: Path
+) -> None:
+    start_clients(fleet, ["w-1", "w-2"], {})
+    repo = toy_repo(tmp_path)
+    result = propctl.ok("apply", "--repo", repo.url, "-o", "json")
+    assert "rounds run only under apply --wait or propctl serve" in result.stderr
+    report = result.json()
+    assert report["jobs"] == [] and report["actions"] == []
+    assert propctl.ok("get", "jobs", "-o", "json").json() == []
