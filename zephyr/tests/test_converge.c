@@ -267,6 +267,25 @@ static void excess_tasks_reported_pending(void)
     CHECK_CONTAINS(state, "{\"name\":\"g\"");
 }
 
+static void tasks_beyond_the_overflow_list_are_counted(void)
+{
+    setup(true);
+    struct task_def all[10] = {
+        {"a", "h", "\"function\":\"f\""}, {"b", "h", "\"function\":\"f\""},
+        {"c", "h", "\"function\":\"f\""}, {"d", "h", "\"function\":\"f\""},
+        {"e", "h", "\"function\":\"f\""}, {"f", "h", "\"function\":\"f\""},
+        {"g", "h", "\"function\":\"f\""}, {"h", "h", "\"function\":\"f\""},
+        {"i", "h", "\"function\":\"f\""}, {"j", "h", "\"function\":\"f\""}};
+    desire(1, all, 10);
+    const char *state = fake_state();
+    /* 4 in the table, 4 named as not placed, and the last 2 counted in their reason. */
+    CHECK_CONTAINS(state, "{\"name\":\"e\",\"spec_hash\":\"h\",\"owner\":\"propctl\",\"state\":"
+                          "\"Pending\",\"restarts\":0,\"runs\":0,\"reason\":\"not placed: the task "
+                          "table holds 4 tasks; 2 more tasks not placed are not listed\"}");
+    CHECK_CONTAINS(state, "{\"name\":\"h\"");
+    CHECK(strstr(state, "{\"name\":\"i\"") == NULL);
+}
+
 static void slots_are_shared(void)
 {
     setup(true);
@@ -446,6 +465,7 @@ void suite_converge(void)
     RUN(interrupted_run_restarts);
     RUN(generation_ordering);
     RUN(excess_tasks_reported_pending);
+    RUN(tasks_beyond_the_overflow_list_are_counted);
     RUN(slots_are_shared);
     RUN(daemon_backoff);
     RUN(timeout_stops_a_spinning_task);

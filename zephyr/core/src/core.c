@@ -209,9 +209,14 @@ static void publish_state(pb_core *c)
     if (!c->connected)
         return;
     static const char *not_placed = "not placed: the task table holds ";
-    char reason[64];
+    char reason[112];
     pb_append_i64(pb_copy(reason, sizeof reason, not_placed), sizeof reason, PB_MAX_TASKS);
     pb_append(reason, sizeof reason, " tasks");
+    if (c->unplaced_lost > 0) {
+        /* Too many to list one by one: say how many more, so none goes unreported. */
+        pb_append_i64(pb_append(reason, sizeof reason, "; "), sizeof reason, c->unplaced_lost);
+        pb_append(reason, sizeof reason, " more tasks not placed are not listed");
+    }
     int count = 0;
     for (int i = 0; i < PB_MAX_TASKS; i++) {
         const struct pb_task *t = &c->tasks[i];
@@ -631,8 +636,9 @@ void pb_commit(pb_core *c)
     }
     memcpy(c->unplaced, in->unplaced, sizeof c->unplaced);
     c->unplaced_count = in->unplaced_count;
+    c->unplaced_lost = in->lost;
     if (in->lost > 0)
-        pb_log(c, PB_LOG_WARN, "tasks beyond the table and its overflow list are not reported: "
+        pb_log(c, PB_LOG_WARN, "tasks beyond the table and its overflow list are counted, not named: "
                                "desired set generation ", gen);
     c->generation = in->generation;
     c->dirty = true;

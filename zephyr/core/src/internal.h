@@ -315,6 +315,7 @@ struct pb_core {
     struct pb_module modules[PB_MODULE_SLOTS];
     struct pb_unplaced unplaced[PB_UNPLACED_MAX];
     int unplaced_count;
+    int unplaced_lost; /* further tasks not placed, beyond the list: counted in the reason */
     struct pb_inbox in;
     struct pb_record record;
     struct pb_status_view views[PB_MAX_TASKS + PB_UNPLACED_MAX];
