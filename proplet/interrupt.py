@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import wasmtime
 from wasmtime import _ffi as ffi
@@ -142,3 +142,41 @@ class Ticker:
             time.sleep(self._period)
             for engine in self._engines():
                 engine.increment_epoch()
+
+
+class Interruption:
+    """Why a run must end, if it must: a stop asked from any thread, or its deadline.
+
+    It is what ``interruptible`` asks on every epoch tick, and a guest's sleep in a host
+    function goes through ``sleep`` so that a stop or the deadline ends it early. The first
+    reason found sticks.
+    """
+
+    def __init__(self) -> None:
+        self.stop_requested = False
+        self.reason: Literal["stopped", "timeout"] | None = None
+        self._deadline: float | None = None
+        self._wake = threading.Event()
+
+    def start(self, started: float, timeout_ms: int | None) -> None:
+        """The run began at ``started`` (monotonic clock); it may last ``timeout_ms``."""
+        if timeout_ms is not None:
+            self._deadline = started + timeout_ms / 1000
+
+    def stop(self) -> None:
+        self.stop_requested = True
+        self._wake.set()
+
+    def interruption(self) -> str | None:
+        if self.reason is None:
+            if self.stop_requested:
+                self.reason = "stopped"
+            elif self._deadline is not None and time.monotonic() >= self._deadline:
+                self.reason = "timeout"
+        return self.reason
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, cut short by ``stop`` or by the deadline."""
+        if self._deadline is not None:
+            seconds = min(seconds, max(self._deadline - time.monotonic(), 0.0))
+        self._wake.wait(seconds)

@@ -36,7 +36,7 @@ import wasmtime
 from wasmtime import _ffi as ffi
 
 from proplet.artifacts import DigestMismatch, digest_hex, sha256_digest, write_atomically
-from proplet.interrupt import Ticker, interruptible
+from proplet.interrupt import Interruption, Ticker, interruptible
 
 log = logging.getLogger(__name__)
 
@@ -429,17 +429,13 @@ class Execution:
         self.prepared = prepared
         self.invocation = invocation
         self.limits = limits
-        self._stop_requested = False
-        self._deadline: float | None = None
-        self._reason: Literal["stopped", "timeout"] | None = None
+        self._interrupt = Interruption()
         self._started = False
-        self._wake = threading.Event()
         self._wasi_poll: wasmtime.Func | None = None  # wasmtime's own poll_oneoff, when needed
 
     def stop(self) -> None:
         """Ask the run to end; safe from any thread, before, during or after `run()`."""
-        self._stop_requested = True
-        self._wake.set()
+        self._interrupt.stop()
         self._runtime._nudge(self.prepared)
 
     def run(self) -> Outcome:
@@ -448,8 +444,7 @@ class Execution:
             raise RuntimeError("an Execution runs once")
         self._started = True
         started = time.monotonic()
-        if self.limits.timeout_ms is not None:
-            self._deadline = started + self.limits.timeout_ms / 1000
+        self._interrupt.start(started, self.limits.timeout_ms)
         stdout = _Capture(self.limits.output_bytes)
         stderr = _Capture(self.limits.output_bytes)
 
@@ -463,7 +458,7 @@ class Execution:
                 **kwargs,
             )
 
-        if self._stop_requested:
+        if self._interrupt.stop_requested:
             return outcome("stopped", error="stopped")
         inv = self.invocation
         function = "_start" if inv.function is None else inv.function
@@ -484,7 +479,7 @@ class Execution:
         instance: wasmtime.Instance | None = None
         stack = contextlib.ExitStack()
         try:
-            stack.enter_context(interruptible(store, self))
+            stack.enter_context(interruptible(store, self._interrupt))
             if self.limits.memory is not None:
                 store.set_limits(memory_size=self.limits.memory)
             if self.prepared.metered:
@@ -498,13 +493,13 @@ class Execution:
                     _func(exports, "_initialize")(store)  # a WASI reactor sets itself up first
                 values = _func(exports, function)(store, *params)
             except wasmtime.ExitTrap as e:
-                if self._reason is not None:
+                if self._interrupt.reason is not None:
                     return self._interrupted(outcome)
                 if e.code == 0:
                     return outcome("completed", exit_code=0)
                 return outcome("failed", exit_code=e.code, error=f"exited with code {e.code}")
             except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
-                if self._reason is not None:
+                if self._interrupt.reason is not None:
                     return self._interrupted(outcome)
                 return outcome("failed", error=self._describe(e, store, instance))
         finally:
@@ -520,24 +515,12 @@ class Execution:
 
     # -- internals
 
-    def interruption(self) -> str | None:
-        """Called from the epoch callback on the running thread: why to interrupt, if at all."""
-        if self._reason is not None:
-            return self._reason
-        if self._stop_requested:
-            self._reason = "stopped"
-        elif self._deadline is not None and time.monotonic() >= self._deadline:
-            self._reason = "timeout"
-        return self._reason
-
     def _sleep(self, seconds: float) -> None:
         """A guest's sleep, cut short by stop() or by the deadline."""
-        if self._deadline is not None:
-            seconds = min(seconds, max(self._deadline - time.monotonic(), 0.0))
-        self._wake.wait(seconds)
+        self._interrupt.sleep(seconds)
 
     def _interrupted(self, outcome: Callable[..., Outcome]) -> Outcome:
-        if self._reason == "stopped":
+        if self._interrupt.reason == "stopped":
             return outcome("stopped", error="stopped")
         return outcome("failed", error=f"timed out after {self.limits.timeout_ms} ms")
 

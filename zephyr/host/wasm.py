@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 import wasmtime
 
-from proplet.interrupt import Ticker, interruptible
+from proplet.interrupt import Interruption, Ticker, interruptible
 
 log = logging.getLogger(__name__)
 
@@ -288,11 +288,8 @@ class Run:
         self.memory_cap = min(board_memory, call.memory) if call.memory else board_memory
         self._on_done = on_done
         self._thread: threading.Thread | None = None
-        self._stop_requested = False
-        self._deadline: float | None = None
-        self._reason: Literal["stopped", "timeout"] | None = None
+        self._interrupt = Interruption()
         self._fault: str | None = None
-        self._wake = threading.Event()
         self._output: list[str] = []
         self._output_bytes = 0
         self.finished = threading.Event()
@@ -300,8 +297,7 @@ class Run:
 
     def stop(self) -> None:
         """Ask the run to end; it reports ``stopped`` within milliseconds."""
-        self._stop_requested = True
-        self._wake.set()
+        self._interrupt.stop()
         self.executor.engine.increment_epoch()
 
     def join(self, timeout: float | None = None) -> bool:
@@ -326,14 +322,13 @@ class Run:
 
     def _execute(self) -> RunResult:
         started = time.monotonic()
-        if self.call.timeout_ms is not None:
-            self._deadline = started + self.call.timeout_ms / 1000
+        self._interrupt.start(started, self.call.timeout_ms)
 
         def done(status: Status, **fields: Any) -> RunResult:
             elapsed = (time.monotonic() - started) * 1000
             return RunResult(status, output="".join(self._output), elapsed_ms=elapsed, **fields)
 
-        if self._stop_requested:
+        if self._interrupt.stop_requested:
             return done("stopped", error="stopped")
         digest = "sha256:" + hashlib.sha256(self.wasm).hexdigest()
         try:
@@ -360,7 +355,7 @@ class Run:
         instance = None
         stack = contextlib.ExitStack()
         try:
-            stack.enter_context(interruptible(store, self))
+            stack.enter_context(interruptible(store, self._interrupt))
             store.set_limits(memory_size=self.memory_cap)
             try:
                 instance = compiled.instance_pre.instantiate(store)
@@ -376,9 +371,9 @@ class Run:
             except Exception as exc:
                 # A host function's exception comes back as itself (wasmtime-py re-raises the
                 # last one, whichever thread raised it): only this run's own records count.
-                if self._reason == "stopped":
+                if self._interrupt.reason == "stopped":
                     return done("stopped", error="stopped")
-                if self._reason == "timeout":
+                if self._interrupt.reason == "timeout":
                     return done("failed", error=f"timed out after {self.call.timeout_ms} ms")
                 return done("failed", error=self._describe(exc, compiled, store, instance))
         finally:
@@ -392,17 +387,10 @@ class Run:
     # -- called on the worker thread from the callback and host functions
 
     def interruption(self) -> str | None:
-        if self._reason is None:
-            if self._stop_requested:
-                self._reason = "stopped"
-            elif self._deadline is not None and time.monotonic() >= self._deadline:
-                self._reason = "timeout"
-        return self._reason
+        return self._interrupt.interruption()
 
     def _sleep(self, seconds: float) -> None:
-        if self._deadline is not None:
-            seconds = min(seconds, max(self._deadline - time.monotonic(), 0.0))
-        self._wake.wait(seconds)
+        self._interrupt.sleep(seconds)
 
     def _log(self, line: str) -> None:
         log.info("[%s] %s", self.call.function, line)
