@@ -40,6 +40,38 @@ class Backoff:
         return base * rng.uniform(0.5, 1.0)
 
 
+def paho_client(
+    settings: BrokerSettings,
+    client_id: str,
+    will: tuple[str, bytes] | None,
+    *,
+    max_inflight: int,
+) -> mqtt.Client:
+    """A paho client for ``settings``: MQTT 3.1.1, clean session, credentials, TLS, the will.
+
+    Nothing is queued while disconnected beyond the in-flight window: the owner republishes
+    its state on every connect. The board emulator makes its clients here too.
+    """
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=True,
+        protocol=mqtt.MQTTv311,
+    )
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.password)
+    if settings.tls:
+        client.tls_set(
+            ca_certs=str(settings.ca_file) if settings.ca_file else None,
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+    if will is not None:
+        client.will_set(will[0], will[1], qos=1, retain=True)
+    client.max_inflight_messages_set(max_inflight)
+    client.max_queued_messages_set(0)
+    return client
+
+
 class Session:
     """One paho client and the thread that keeps it connected."""
 
@@ -69,23 +101,7 @@ class Session:
         self.refused: str | None = None
         self._thread: threading.Thread | None = None
 
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            clean_session=True,
-            protocol=mqtt.MQTTv311,
-        )
-        if settings.username is not None:
-            client.username_pw_set(settings.username, settings.password)
-        if settings.tls:
-            client.tls_set(
-                ca_certs=str(settings.ca_file) if settings.ca_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-        if will is not None:
-            client.will_set(will[0], will[1], qos=1, retain=True)
-        client.max_inflight_messages_set(64)
-        client.max_queued_messages_set(0)
+        client = paho_client(settings, client_id, will, max_inflight=64)
         client.on_connect = self._handle_connect
         client.on_message = self._handle_message
         client.on_disconnect = self._handle_disconnect

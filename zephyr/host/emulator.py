@@ -26,7 +26,6 @@ import os
 import random
 import signal
 import socket
-import ssl
 import sys
 import threading
 import time
@@ -36,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
+from proplet.session import paho_client
 from schemas.connection import (
     DEFAULT_BROKER,
     ENV_BROKER,
@@ -201,23 +201,13 @@ class Board:
             version=config.version,
         )
         self.will_topic, self.will_payload = self.core.will()
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
+        client = paho_client(
+            settings,
             # Unique per namespace: the same id in two channels must not take each other's session.
-            client_id=f"board-{ns.domain}-{ns.channel}-{self.id}",
-            clean_session=True,
-            protocol=mqtt.MQTTv311,
+            f"board-{ns.domain}-{ns.channel}-{self.id}",
+            (self.will_topic, self.will_payload),
+            max_inflight=32,
         )
-        if settings.username is not None:
-            client.username_pw_set(settings.username, settings.password)
-        if settings.tls:
-            client.tls_set(
-                ca_certs=str(settings.ca_file) if settings.ca_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-        client.will_set(self.will_topic, self.will_payload, qos=1, retain=True)
-        client.max_inflight_messages_set(32)
-        client.max_queued_messages_set(0)
         # Reconnect backoff doubles up to BACKOFF_MAX from a first delay drawn per board, so a
         # fleet that lost its broker does not come back in one burst.
         first_delay = random.uniform(BACKOFF_INITIAL / 2, BACKOFF_INITIAL)
