@@ -25,8 +25,6 @@ Progress goes to stderr, figures to stdout. Exit code 1 when a goal is missed (n
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import io
 import json
 import os
 import statistics
@@ -35,17 +33,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.broker import Mosquitto
+from tests.fldigits import EXAMPLE, load, npy
 from tests.fleet import running_fleet
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "fl-digits"
 OVERHEAD_GOAL_S = 0.050
 ACCURACY_TOLERANCE = 0.01
 FLOWER_OVERHEAD_S = 10.5  # Flower 1.42 deployment engine on this kind of machine, per round
@@ -53,20 +48,6 @@ FLOWER_OVERHEAD_S = 10.5  # Flower 1.42 deployment engine on this kind of machin
 
 def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"fl_{name}", EXAMPLE / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
 
 
 def percentile(values: list[float], q: float) -> float:

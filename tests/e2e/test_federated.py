@@ -8,13 +8,11 @@ job tells exactly whose updates were counted.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -23,20 +21,12 @@ import pytest
 from reconciler.federated import Updates, from_bytes
 from tests.broker import Mosquitto
 from tests.e2e.serve_support import Serve
-from tests.e2e.support import REPO_ROOT, WASM_DIR, Propctl, to_yaml
+from tests.e2e.support import WASM_DIR, Propctl, to_yaml
+from tests.fldigits import EXAMPLE, load, npy
 from tests.fleet import Fleet
 from tests.gitrepo import GitRepo
 
-EXAMPLE = REPO_ROOT / "examples" / "fl-digits"
 JOB_SECONDS = 60.0
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"fl_{name}", EXAMPLE / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def job_manifest(name: str, trainer: str, **spec: Any) -> dict[str, Any]:
@@ -88,19 +78,19 @@ def final_model(state: Path, job: str) -> np.ndarray:
 def test_digits_job_matches_the_in_process_reference(
     fleet: Fleet, propctl: Propctl, tmp_path: Path
 ) -> None:
-    prepare, reference = _load("prepare"), _load("reference")
+    prepare, reference = load("prepare"), load("reference")
     (train, test) = prepare.load_split()
     partitions = prepare.partition(train[0], train[1], 4, "iid", 0)
     ids = sorted(partitions)
     data = {}
     for name, (x, y) in partitions.items():
-        data[name] = {"digits/x.npy": _npy(x), "digits/y.npy": _npy(y)}
+        data[name] = {"digits/x.npy": npy(x), "digits/y.npy": npy(y)}
     start_clients(fleet, ids, data)
 
     repo = GitRepo(tmp_path / "git")
     repo.copy(EXAMPLE / "trainer.wasm", "fl/trainer.wasm")
-    repo.write("fl/eval/digits/x.npy", _npy(test[0]))
-    repo.write("fl/eval/digits/y.npy", _npy(test[1]))
+    repo.write("fl/eval/digits/x.npy", npy(test[0]))
+    repo.write("fl/eval/digits/y.npy", npy(test[1]))
     hyper = {"dataset": "digits", "epochs": 1, "batch": 10, "lr": 0.1}
     manifest = job_manifest(
         "digits", "fl/trainer.wasm", model={"shape": [650]}, rounds=3,
@@ -143,14 +133,6 @@ def test_digits_job_matches_the_in_process_reference(
     for name in ids:
         fleet.wait(lambda o, n=name: not [t for t in o.states[n].tasks if t.name == "digits"],
                    timeout=10, what=f"digits task removed from {name}")  # fmt: skip
-
-
-def _npy(array: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
 
 
 def toy_repo(tmp_path: Path, **spec: Any) -> GitRepo:

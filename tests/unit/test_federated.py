@@ -21,16 +21,9 @@ from reconciler.federated import (
 )
 from schemas.manifests import FederatedJobSpec, ModelSource
 from schemas.messages import JobPhase, JobStatus
+from tests.fldigits import npy
 
 DIGEST = "sha256:" + "0" * 64
-
-
-def _npy(array: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 def test_model_bytes_round_trip_and_refuse_other_dtypes() -> None:
@@ -38,7 +31,7 @@ def test_model_bytes_round_trip_and_refuse_other_dtypes() -> None:
     assert np.array_equal(from_bytes(to_bytes(model)), model)
     assert to_bytes(model) == to_bytes(model.copy())  # same array, same bytes, same digest
     with pytest.raises(ModelError, match="float64"):
-        from_bytes(_npy(model.astype(np.float64)))
+        from_bytes(npy(model.astype(np.float64)))
     with pytest.raises(ModelError, match=r"not a \.npy"):
         from_bytes(b"garbage")
 

@@ -1,18 +1,17 @@
 """The committed fl-digits trainer on real wasmtime, against the numpy reference."""
 
-import importlib.util
 import io
 import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import wasmtime
 
-EXAMPLE = Path(__file__).parents[2] / "examples" / "fl-digits"
+from tests.fldigits import EXAMPLE, load
+
 MODEL_SIZE = 650  # (64 features + 1) * 10 classes
 
 Part = tuple[np.ndarray, np.ndarray]
@@ -20,16 +19,8 @@ Digits = tuple[Part, Part]
 Trainer = tuple[wasmtime.Engine, wasmtime.Module]
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"fl_digits_{name}", EXAMPLE / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare = _load("prepare")
-reference = _load("reference")
+prepare = load("prepare")
+reference = load("reference")
 
 
 @dataclass(frozen=True)
