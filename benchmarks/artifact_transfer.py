@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import queue
-import random
 import statistics
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from schemas.connection import BrokerSettings, broker_settings
 from schemas.messages import ArtifactOffer, ArtifactRequest, decode
 from schemas.topics import Kind, Namespace
 from tests.broker import Mosquitto
+from tests.fleet import EMPTY_MODULE, pad_module
 from tests.registry import Registry
 
 MiB = 1024 * 1024
@@ -73,24 +73,9 @@ def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def leb128(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def wasm_module(size: int, seed: int) -> bytes:
     """A core Wasm module of exactly ``size`` bytes: the header and one custom section."""
-    name = b"propeller.bench"
-    for width in range(1, 6):
-        body = size - 8 - 1 - width  # header, section id, section size
-        if len(leb128(body)) == width:
-            payload = random.Random(seed).randbytes(body - len(leb128(len(name))) - len(name))
-            return b"\0asm\x01\0\0\0\0" + leb128(body) + leb128(len(name)) + name + payload
-    raise ValueError(f"no module of {size} bytes")
+    return pad_module(EMPTY_MODULE, size, seed)
 
 
 def runs_for(size: int, repeats: int) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -53,6 +54,33 @@ class Module:
 
 def module(name: str) -> Module:
     return Module(name, (WASM_DIR / f"{name}.wasm").read_bytes())
+
+
+EMPTY_MODULE = b"\0asm\x01\0\0\0"  # the smallest valid core module: its header
+
+
+def leb128(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def pad_module(data: bytes, size: int, seed: int = 7) -> bytes:
+    """The module ``data`` grown to exactly ``size`` bytes by a custom section at its end.
+
+    The section holds seeded random bytes, so the code is unchanged and the content (and
+    digest) depends on ``seed``.
+    """
+    name = b"padding"
+    for width in range(1, 6):
+        body = size - len(data) - 1 - width  # section id, section size
+        if len(leb128(body)) == width:
+            filler = random.Random(seed).randbytes(body - len(leb128(len(name))) - len(name))
+            return data + b"\0" + leb128(body) + leb128(len(name)) + name + filler
+    raise ValueError(f"cannot pad a module of {len(data)} bytes to {size} bytes")
 
 
 def task(name: str, mod: Module, *, spec_hash: str | None = None, **fields: Any) -> DesiredTask:

@@ -9,7 +9,6 @@ everything the boards publish with the ``schemas`` models.
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,7 +35,7 @@ from schemas.messages import (
 )
 from schemas.topics import Namespace
 from tests.broker import ClientFactory, Mosquitto, ProbeClient, connect_client
-from tests.fleet import Fleet, Module, Observed, module, running_fleet, task
+from tests.fleet import Fleet, Module, Observed, module, pad_module, running_fleet, task
 from zephyr.host.emulator import Board, BoardConfig
 from zephyr.host.library import Library, load
 from zephyr.host.wasm import DEFAULT_MEMORY, Call, Executor, RunResult
@@ -50,25 +49,9 @@ KiB = 1024
 # -- modules ----------------------------------------------------------------------------------
 
 
-def leb128(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def padded(mod: Module, size: int, seed: int = 7) -> Module:
-    """``mod`` grown to exactly ``size`` bytes by a custom section at its end (same code)."""
-    name = b"padding"
-    for width in range(1, 6):
-        body = size - len(mod.data) - 1 - width
-        if len(leb128(body)) == width:
-            filler = random.Random(seed).randbytes(body - 1 - len(name))
-            section = b"\0" + leb128(body) + leb128(len(name)) + name + filler
-            return Module(f"{mod.name}-{size}", mod.data + section)
-    raise ValueError(f"cannot pad {mod.name} to {size} bytes")
+    """``mod`` grown to exactly ``size`` bytes (same code)."""
+    return Module(f"{mod.name}-{size}", pad_module(mod.data, size, seed))
 
 
 HOST_API_WAT = """

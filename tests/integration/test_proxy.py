@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import os
 import queue
-import random
 import signal
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from schemas.connection import broker_settings
 from schemas.messages import ArtifactOffer, ArtifactRequest, chunk_count, decode
 from schemas.topics import Kind, Namespace
 from tests.broker import Mosquitto
-from tests.fleet import Fleet, Module, module, running_fleet, task
+from tests.fleet import EMPTY_MODULE, Fleet, Module, module, pad_module, running_fleet, task
 from tests.registry import REGISTRY_USERS, Registry
 
 pytestmark = pytest.mark.integration
@@ -44,25 +43,9 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def leb128(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def padded_module(size: int, seed: int = 1) -> bytes:
     """A core Wasm module of exactly ``size`` bytes: the header and one custom section."""
-    name = b"padding"
-    for width in range(1, 6):
-        body = size - 8 - 1 - width
-        if len(leb128(body)) == width:
-            payload = random.Random(seed).randbytes(body - 1 - len(name))
-            module = b"\0asm\x01\0\0\0" + b"\0" + leb128(body) + leb128(len(name)) + name
-            return module + payload
-    raise ValueError(f"no module of {size} bytes")
+    return pad_module(EMPTY_MODULE, size, seed)
 
 
 def push(
