@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from schemas.connection import broker_settings
 from schemas.messages import Presence, TaskResult, TaskState, decode
 from schemas.topics import Kind, Namespace
 from tests.broker import Mosquitto
+from tests.process import terminate
 from zephyr.host.library import ENV_LIBRARY
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -210,13 +210,8 @@ def run_round(tmp: Path, boards: int) -> Round:
             peak_kb=proc_status_kb(process.pid, "VmHWM"),
         )
     finally:
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        if process is not None:
+            terminate(process, 30)
         if client is not None:
             client.close()
         mosquitto.stop()

@@ -22,7 +22,7 @@ import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 HOST = "127.0.0.1"
 
@@ -35,6 +35,19 @@ def free_port() -> int:
         sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def terminate(process: subprocess.Popen[Any], timeout: float = 10.0) -> int | None:
+    """SIGTERM ``process`` by pid and wait; SIGKILL after ``timeout``. Its exit code."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    return process.returncode
 
 
 def pid_exists(pid: int) -> bool:

@@ -12,7 +12,6 @@ import hmac
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from schemas.connection import broker_settings
 from schemas.messages import ReconcilerStatus, decode
 from tests.broker import free_port
 from tests.e2e.support import REPO_ROOT, DesiredWatch
+from tests.process import terminate
 
 T = TypeVar("T")
 SECRET = b"serve-test-secret"
@@ -111,14 +111,7 @@ class Serve:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM by pid, SIGKILL after ``timeout``; the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        return self.process.returncode
+        return terminate(self.process, timeout)
 
     # HTTP.
     def request(

@@ -9,7 +9,6 @@ from the Git repository through the reconciler, or from an OCI registry through
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -26,8 +25,9 @@ from schemas.connection import broker_settings
 from schemas.messages import ArtifactRequest, Runtime, TaskState, decode
 from tests.broker import Mosquitto
 from tests.e2e.support import ADD, REPO_ROOT, WASM_DIR, Propctl, apply, task_manifest, to_yaml
-from tests.fleet import Fleet
+from tests.fleet import Fleet, pad_module
 from tests.gitrepo import GitRepo
+from tests.process import terminate
 from tests.registry import Registry
 from zephyr.host.library import ENV_LIBRARY, load
 
@@ -128,12 +128,7 @@ def requests(broker: Mosquitto) -> Iterator[Requests]:
 
 def padded_add(size: int) -> bytes:
     """``add.wasm`` grown to ``size`` bytes by a custom section: the same code in more chunks."""
-    data = (WASM_DIR / "add.wasm").read_bytes()
-    name = b"padding"
-    body = size - len(data) - 1 - 2  # a two-byte section length fits 128..16383
-    assert 128 <= body < 16384
-    section = bytes([0, body & 0x7F | 0x80, body >> 7, len(name)]) + name
-    return data + section + random.Random(3).randbytes(body - 1 - len(name))
+    return pad_module((WASM_DIR / "add.wasm").read_bytes(), size, seed=3)
 
 
 def test_apply_places_wamr_tasks_on_the_board_and_nothing_else_there(
@@ -199,13 +194,7 @@ def proxy(broker: Mosquitto, tmp_path: Path) -> Iterator[ProxyProcess]:
     try:
         yield running
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        terminate(process)
 
 
 def test_an_oci_module_reaches_the_board_through_the_proxy_in_small_chunks(
