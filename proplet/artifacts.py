@@ -24,6 +24,8 @@ from collections.abc import Callable, Set
 from dataclasses import dataclass
 from pathlib import Path
 
+from schemas.messages import sha256_digest
+
 log = logging.getLogger(__name__)
 
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
@@ -36,11 +38,6 @@ _READ_CHUNK = 1024 * 1024
 
 class DigestMismatch(ValueError):
     """The bytes offered for a digest do not hash to it."""
-
-
-def sha256_digest(data: bytes) -> str:
-    """The digest of `data` in the form `sha256:<64 lowercase hex>`."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def digest_hex(digest: str) -> str:

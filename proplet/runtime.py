@@ -35,8 +35,9 @@ from typing import Any, Literal
 import wasmtime
 from wasmtime import _ffi as ffi
 
-from proplet.artifacts import DigestMismatch, digest_hex, sha256_digest, write_atomically
+from proplet.artifacts import DigestMismatch, digest_hex, write_atomically
 from proplet.interrupt import Interruption, Ticker, interruptible
+from schemas.messages import sha256_digest
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ verifies the content against the digest before the first chunk leaves. ``publish
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
@@ -17,7 +16,14 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 
 from reconciler.broker import Broker
-from schemas.messages import ArtifactOffer, ArtifactRequest, DecodeError, chunk_count, decode
+from schemas.messages import (
+    ArtifactOffer,
+    ArtifactRequest,
+    DecodeError,
+    chunk_count,
+    decode,
+    sha256_digest,
+)
 from schemas.topics import Namespace
 
 log = logging.getLogger(__name__)
@@ -67,7 +73,7 @@ class ArtifactServer:
         if content is None:
             return
         if request.digest not in self._verified:
-            if "sha256:" + hashlib.sha256(content).hexdigest() != request.digest:
+            if sha256_digest(content) != request.digest:
                 log.error("refusing to serve %s: content does not match", request.digest)
                 return
             self._verified.add(request.digest)

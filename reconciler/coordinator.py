@@ -19,7 +19,6 @@ run computes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -63,6 +62,7 @@ from schemas.messages import (
     TaskResult,
     TaskState,
     decode,
+    sha256_digest,
 )
 from schemas.topics import Namespace, TopicError
 
@@ -84,10 +84,6 @@ TERMINAL = (JobPhase.COMPLETED, JobPhase.FAILED)
 
 def _quiet(_line: str) -> None:
     return None
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass(slots=True)
@@ -197,7 +193,7 @@ class JobRun:
             phase=JobPhase.RUNNING,
             completed=0,
             attempt=0,
-            model=digest_of(model_bytes),
+            model=sha256_digest(model_bytes),
             started_at=now,
         )
         self.models[checkpoint.model] = model_bytes
@@ -210,14 +206,14 @@ class JobRun:
             data = path.read_bytes()
         except OSError:
             return None
-        return data if digest_of(data) == digest else None
+        return data if sha256_digest(data) == digest else None
 
     def _save(self, checkpoint: Checkpoint, model: bytes | None = None) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         if model is not None:
             models = self.directory / "models"
             models.mkdir(exist_ok=True)
-            _write_atomic(models / f"{digest_of(model).removeprefix('sha256:')}.npy", model)
+            _write_atomic(models / f"{sha256_digest(model).removeprefix('sha256:')}.npy", model)
         _write_atomic(self.directory / "state.json", checkpoint.to_json())
 
     @property
@@ -593,7 +589,7 @@ class Coordinator:
         spec = run.job.spec
         new = current.updates.aggregate(spec.aggregation.method, spec.aggregation.trim)
         model = to_bytes(new)
-        digest = digest_of(model)
+        digest = sha256_digest(model)
         samples = {p: float(r.samples) for p, r in current.reports.items()}
         losses = {p: r.loss for p, r in current.reports.items() if r.loss is not None}
         record: dict[str, Any] = {

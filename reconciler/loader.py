@@ -11,7 +11,6 @@ half a revision would be worse than one that publishes nothing.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from schemas.manifests import (
     fields_of,
     model_for,
 )
+from schemas.messages import sha256_digest
 
 log = logging.getLogger(__name__)
 
@@ -357,11 +357,7 @@ def _repo_file(
         return None  # already reported by validation
     if path not in digests:
         content = read_module(path)
-        digests[path] = (
-            None
-            if content is None
-            else ("sha256:" + hashlib.sha256(content).hexdigest(), len(content))
-        )
+        digests[path] = None if content is None else (sha256_digest(content), len(content))
     found = digests[path]
     if found is None:
         problems.append(

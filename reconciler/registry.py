@@ -49,6 +49,7 @@ import requests
 
 from schemas.connection import ENV_REGISTRY_PASSWORD, ENV_REGISTRY_USERNAME
 from schemas.manifests import IMAGE_REFERENCE
+from schemas.messages import sha256_digest
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +166,6 @@ def _check_digest(digest: str) -> str:
     if not _DIGEST.match(digest):
         raise InvalidReference(f"{digest!r} is not a digest: use sha256:<64 lowercase hex>")
     return digest
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 # -- results -------------------------------------------------------------------------------

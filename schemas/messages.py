@@ -8,6 +8,7 @@ are in the topic (see ``schemas.topics``).
 
 from __future__ import annotations
 
+import hashlib
 from enum import StrEnum
 from typing import Annotated, Literal, TypeVar
 
@@ -346,6 +347,11 @@ def decode(model: type[M], payload: bytes) -> M:
         raise DecodeError(
             f"{model.__name__}: {where}: {first['msg']} ({exc.error_count()} error(s))"
         ) from None
+
+
+def sha256_digest(data: bytes) -> str:
+    """The digest of ``data`` as the protocol writes it: ``sha256:<64 lowercase hex>``."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def chunk_count(size: int, chunk_size: int) -> int:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from proplet.artifacts import ArtifactStore, DigestMismatch, digest_hex, sha256_digest
+from proplet.artifacts import ArtifactStore, DigestMismatch, digest_hex
 from proplet.registry import (
     ArtifactNotFound,
     Backoff,
@@ -16,6 +16,7 @@ from proplet.registry import (
     Repository,
     parse_image,
 )
+from schemas.messages import sha256_digest
 
 DATA = b"\0asm\x01\0\0\0"
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from proplet.artifacts import DigestMismatch, sha256_digest
+from proplet.artifacts import DigestMismatch
 from proplet.runtime import (
     WASMTIME_VERSION,
     Execution,
@@ -19,6 +19,7 @@ from proplet.runtime import (
     Prepared,
     Runtime,
 )
+from schemas.messages import sha256_digest
 
 WASM = Path(__file__).parents[1] / "wasm"
 STOP_WITHIN_S = 0.1

@@ -33,7 +33,6 @@ the ticker thread, which runs only while some run does.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import threading
 import time
@@ -45,6 +44,7 @@ from typing import Any, Literal
 import wasmtime
 
 from proplet.interrupt import Interruption, Ticker, interruptible
+from schemas.messages import sha256_digest
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class Executor:
     def _compile(self, digest: str, wasm: bytes) -> Compiled:
         if wasm[:4] != b"\0asm":
             raise ModuleRejected(f"not a WebAssembly module: starts with {wasm[:8]!r}")
-        actual = "sha256:" + hashlib.sha256(wasm).hexdigest()
+        actual = sha256_digest(wasm)
         if actual != digest:
             raise ModuleRejected(f"digest mismatch: expected {digest}, got {actual}")
         try:
@@ -330,7 +330,7 @@ class Run:
 
         if self._interrupt.stop_requested:
             return done("stopped", error="stopped")
-        digest = "sha256:" + hashlib.sha256(self.wasm).hexdigest()
+        digest = sha256_digest(self.wasm)
         try:
             compiled = self.compiled = self.executor.compile(digest, self.wasm)
         except ModuleRejected as exc:
