@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from reconciler.federated import (
     MODEL_FILE,
     NPY_HEADER_ALLOWANCE,
     UPDATE_FILE,
+    Model,
     ModelError,
     Report,
     Updates,
@@ -101,18 +102,7 @@ class Checkpoint:
     revision: str | None = None
 
     def to_json(self) -> bytes:
-        data = {
-            "spec_hash": self.spec_hash,
-            "phase": self.phase.value,
-            "completed": self.completed,
-            "attempt": self.attempt,
-            "model": self.model,
-            "started_at": self.started_at,
-            "history": self.history,
-            "reason": self.reason,
-            "revision": self.revision,
-        }
-        return json.dumps(data, indent=1).encode()
+        return json.dumps({**asdict(self), "phase": self.phase.value}, indent=1).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Checkpoint:
@@ -135,7 +125,6 @@ class Round:
     """The round in progress (memory only: a restart runs it again)."""
 
     number: int
-    attempt: int
     selected: tuple[str, ...]
     started: float
     deadline: float
@@ -163,6 +152,7 @@ class JobRun:
         self.directory = directory
         self.read = read
         self.models: dict[str, bytes] = {}
+        self._array: tuple[str, Model] | None = None  # the global model decoded, by digest
         self.round: Round | None = None
         self.waiting_since: float | None = None
         self.evaluator: Evaluator | None = None
@@ -227,6 +217,14 @@ class JobRun:
     @property
     def model_bytes(self) -> bytes:
         return self.models[self.checkpoint.model]
+
+    @property
+    def model(self) -> Model:
+        """The global model as an array, decoded once per model."""
+        digest = self.checkpoint.model
+        if self._array is None or self._array[0] != digest:
+            self._array = (digest, from_bytes(self.model_bytes))
+        return self._array[1]
 
     def final_model_path(self) -> Path:
         return self.directory / "final.npy"
@@ -375,17 +373,14 @@ class Coordinator:
                         continue
                     run.checkpoint.revision = desired.revision
                     self.runs[name] = run
-                    self.progress(
-                        f"job {name}: "
-                        + (
-                            f"resuming after round {run.checkpoint.completed}/{job.spec.rounds}"
-                            if run.checkpoint.completed
-                            else f"starting, {job.spec.rounds} round(s)"
-                        )
-                        if not run.terminal
-                        else f"job {name}: {run.checkpoint.phase.value.lower()}"
-                        f" after {run.checkpoint.completed} round(s)"
-                    )
+                    done = run.checkpoint.completed
+                    if run.terminal:
+                        phase = run.checkpoint.phase.value.lower()
+                        self.progress(f"job {name}: {phase} after {done} round(s)")
+                    elif done:
+                        self.progress(f"job {name}: resuming after round {done}/{job.spec.rounds}")
+                    else:
+                        self.progress(f"job {name}: starting, {job.spec.rounds} round(s)")
                 else:
                     self.runs[name].read = read
 
@@ -426,12 +421,12 @@ class Coordinator:
             except queue.Empty:
                 return
             run = self.runs.get(result.task)
-            current = run.round if run is not None else None
-            if current is None or result.spec_hash != current.spec_hash:
+            if run is None or run.round is None or result.spec_hash != run.round.spec_hash:
                 continue  # a late result of a round that closed, or of another attempt
+            current = run.round
             if result.proplet not in current.selected or result.proplet in current.answered:
                 continue
-            self._take(run, current, result)  # type: ignore[arg-type]
+            self._take(run, current, result)
 
     def _take(self, run: JobRun, current: Round, result: TaskResult) -> None:
         proplet = result.proplet
@@ -453,7 +448,6 @@ class Coordinator:
 
     def _collect(self, run: JobRun, current: Round) -> None:
         """Validate the updates whose bytes have arrived."""
-        global_model = from_bytes(run.model_bytes)
         for proplet, (result, digest) in list(current.pending.items()):
             data = self.uploads.get(proplet, digest)
             if data is None:
@@ -462,7 +456,7 @@ class Coordinator:
             self.uploads.discard(proplet, digest)
             try:
                 report = parse_report(result.stdout)
-                model = check_update(global_model, data, run.job.spec.update_bounds.max_norm)
+                model = check_update(run.model, data, run.job.spec.update_bounds.max_norm)
             except ModelError as exc:
                 current.rejected[proplet] = f"update refused: {exc}"
                 self.progress(f"job {run.name} round {current.number}: {proplet} rejected: {exc}")
@@ -483,7 +477,8 @@ class Coordinator:
                 if not self._start_round(run, observed, now):
                     return
                 continue
-            self._collect(run, current)
+            if current.pending:
+                self._collect(run, current)
             alive = {p for p, entry in observed.proplets.items() if entry.alive}
             for proplet in current.selected:
                 if proplet not in alive and proplet not in current.answered:
@@ -497,9 +492,7 @@ class Coordinator:
                 self._retry_round(run, current, now, valid)
             return
 
-    def _candidates(self, run: JobRun, observed: ObservedState) -> list[str]:
-        clients = run.job.spec.clients
-        need = Requirement.of(clients.runtime, clients.selector, None)
+    def _candidates(self, need: Requirement, observed: ObservedState) -> list[str]:
         return sorted(
             p.id
             for p in observed.proplets.values()
@@ -511,12 +504,12 @@ class Coordinator:
 
     def _start_round(self, run: JobRun, observed: ObservedState, now: float) -> bool:
         spec = run.job.spec
-        candidates = self._candidates(run, observed)
+        need = Requirement.of(spec.clients.runtime, spec.clients.selector, None)
+        candidates = self._candidates(need, observed)
         if len(candidates) < spec.clients.min:
             if run.waiting_since is None:
                 run.waiting_since = now
             waited = now - run.waiting_since
-            need = Requirement.of(spec.clients.runtime, spec.clients.selector, None)
             reason = (
                 f"{spec.clients.min} live client(s) matching {need.describe()},"
                 f" {len(candidates)} alive"
@@ -552,14 +545,12 @@ class Coordinator:
             outputs=len(model) + NPY_HEADER_ALLOWANCE,
             among=frozenset(selected),
         )
-        shape = from_bytes(model).shape
         run.round = Round(
             number=number,
-            attempt=run.checkpoint.attempt,
             selected=selected,
             started=now,
             deadline=now + spec.round_timeout / 1000,
-            updates=Updates(len(selected), shape),
+            updates=Updates(len(selected), run.model.shape),
             task=task,
             spec_hash=wire_task(task, self.owner).spec_hash if task.resolved else "",
         )
