@@ -43,6 +43,7 @@ from reconciler.federated import (
     Updates,
     check_update,
     from_bytes,
+    hyperparam_env,
     initial_model,
     parse_report,
     select_clients,
@@ -97,12 +98,17 @@ class Checkpoint:
     attempt: int  # runs of the round after ``completed``; a new one each time it starts
     model: str  # digest of the global model after ``completed`` rounds
     started_at: float
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[RoundRecord] = field(default_factory=list)
     reason: str | None = None
     revision: str | None = None
 
     def to_json(self) -> bytes:
-        return json.dumps({**asdict(self), "phase": self.phase.value}, indent=1).encode()
+        data = {
+            **asdict(self),
+            "phase": self.phase.value,
+            "history": [record.model_dump(mode="json") for record in self.history],
+        }
+        return json.dumps(data, indent=1).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Checkpoint:
@@ -114,7 +120,7 @@ class Checkpoint:
             attempt=int(raw["attempt"]),
             model=str(raw["model"]),
             started_at=float(raw["started_at"]),
-            history=list(raw.get("history", [])),
+            history=[RoundRecord.model_validate(r) for r in raw.get("history", [])],
             reason=raw.get("reason"),
             revision=raw.get("revision"),
         )
@@ -282,7 +288,7 @@ class Coordinator:
             on_complete=self._upload_done,
         )
         self._lock = threading.Lock()
-        self._published: dict[str, tuple[bytes, float]] = {}
+        self._published: dict[str, tuple[tuple[object, ...], float]] = {}
         self._seen: dict[str, JobStatus] = {}  # the statuses on the broker, by job
         self._elsewhere: dict[str, str] = {}  # jobs another machine drives, and which
 
@@ -583,22 +589,21 @@ class Coordinator:
         digest = sha256_digest(model)
         samples = {p: float(r.samples) for p, r in current.reports.items()}
         losses = {p: r.loss for p, r in current.reports.items() if r.loss is not None}
-        record: dict[str, Any] = {
-            "round": current.number,
-            "selected": list(current.selected),
-            "participants": sorted(current.reports),
-            "rejected": dict(sorted(current.rejected.items())),
-            "missing": sorted(set(current.selected) - set(current.reports) - set(current.rejected)),
-            "samples": int(sum(samples.values())),
-            "train_loss": weighted_mean(losses, samples),
-            "seconds": round(now - current.started, 6),
-            "training_seconds": round(max(current.training.values(), default=0.0), 6),
-            "model": digest,
-        }
         evaluation = self._evaluate(run, model)
-        if evaluation is not None:
-            record["loss"] = evaluation.loss
-            record["accuracy"] = evaluation.accuracy
+        record = RoundRecord(
+            round=current.number,
+            selected=list(current.selected),
+            participants=sorted(current.reports),
+            rejected=dict(sorted(current.rejected.items())),
+            missing=sorted(set(current.selected) - set(current.reports) - set(current.rejected)),
+            samples=int(sum(samples.values())),
+            train_loss=weighted_mean(losses, samples),
+            loss=evaluation.loss if evaluation is not None else None,
+            accuracy=evaluation.accuracy if evaluation is not None else None,
+            seconds=round(now - current.started, 6),
+            training_seconds=round(max(current.training.values(), default=0.0), 6),
+            model=digest,
+        )
         with self._lock:
             run.models = {digest: model}
         run.checkpoint.history.append(record)
@@ -612,11 +617,11 @@ class Coordinator:
         shown += f"/{len(current.selected)} update(s)"
         if current.rejected:
             shown += f", {len(current.rejected)} rejected"
-        if record["train_loss"] is not None:
-            shown += f", train loss {record['train_loss']:.4f}"
+        if record.train_loss is not None:
+            shown += f", train loss {record.train_loss:.4f}"
         if evaluation is not None and evaluation.accuracy is not None:
             shown += f", accuracy {evaluation.accuracy:.4f}"
-        shown += f" ({record['seconds']:.2f}s)"
+        shown += f" ({record.seconds:.2f}s)"
         self.progress(shown)
         target = spec.target
         if target is not None and evaluation is not None:
@@ -646,11 +651,10 @@ class Coordinator:
                     if content is None:
                         raise ModelError(f"{evaluation.data}/{name} is missing")
                     data[name] = content
-                env = {f"FL_{k.upper()}": str(v) for k, v in run.job.spec.hyperparams.items()}
                 run.evaluator = Evaluator(
                     wasm,
                     data,
-                    env,
+                    hyperparam_env(run.job.spec),
                     memory=evaluation.limits.memory,
                     fuel=evaluation.limits.fuel,
                 )
@@ -709,10 +713,9 @@ class Coordinator:
             ANNOTATION_ROUNDS: str(run.checkpoint.completed),
             ANNOTATION_MODEL_DIGEST: run.checkpoint.model,
         }
-        last = run.checkpoint.history[-1] if run.checkpoint.history else {}
-        accuracy = last.get("accuracy")
-        if accuracy is not None:
-            annotations[ANNOTATION_ACCURACY] = str(float(accuracy))
+        last = run.checkpoint.history[-1] if run.checkpoint.history else None
+        if last is not None and last.accuracy is not None:
+            annotations[ANNOTATION_ACCURACY] = str(last.accuracy)
         try:
             with RegistryClient.from_env(insecure=self.insecure_registry) as client:
                 pushed = client.push_model(model, image, annotations, file_name=f"{run.name}.npy")
@@ -726,7 +729,6 @@ class Coordinator:
     def status(self, run: JobRun) -> JobStatus:
         checkpoint = run.checkpoint
         current = run.round
-        history = [RoundRecord.model_validate(r) for r in checkpoint.history[-STATUS_HISTORY:]]
         return JobStatus(
             job=run.name,
             coordinator=self.name,
@@ -737,7 +739,7 @@ class Coordinator:
             rounds=run.job.spec.rounds,
             reason=checkpoint.reason,
             model=checkpoint.model,
-            history=history,
+            history=checkpoint.history[-STATUS_HISTORY:],
             started_at=checkpoint.started_at,
             updated_at=self.clock(),
         )
@@ -748,13 +750,23 @@ class Coordinator:
         for run in self.runs.values():
             if run.name in self._elsewhere:
                 continue
-            status = self.status(run)
-            key = status.model_copy(update={"updated_at": 0.0}).encode()
+            checkpoint = run.checkpoint
+            # Everything a status shows but its timestamp; the history only ever grows.
+            key = (
+                checkpoint.phase,
+                run.round.number if run.round is not None else None,
+                len(checkpoint.history),
+                checkpoint.reason,
+                checkpoint.model,
+                checkpoint.revision,
+            )
             sent = self._published.get(run.name)
             if sent is not None and sent[0] == key and now - sent[1] < REFRESH_SECONDS:
                 continue
             self._published[run.name] = (key, now)
-            self.broker.publish(self.ns.job_status(run.name), status.encode(), qos=1, retain=True)
+            self.broker.publish(
+                self.ns.job_status(run.name), self.status(run).encode(), qos=1, retain=True
+            )
 
     def _driven_elsewhere(self, run: JobRun) -> bool:
         with self._lock:

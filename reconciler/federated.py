@@ -89,7 +89,7 @@ def trainer_env(spec: FederatedJobSpec, job: str, round_: int, attempt: int) -> 
     ``FL_ATTEMPT`` changes when a round is run again (after a coordinator restart, or a round
     that timed out without enough updates), so the proplets run it again; trainers ignore it.
     """
-    env = {f"FL_{name.upper()}": _text(value) for name, value in spec.hyperparams.items()}
+    env = hyperparam_env(spec)
     env.update(
         FL_JOB=job,
         FL_ROUND=str(round_),
@@ -98,6 +98,11 @@ def trainer_env(spec: FederatedJobSpec, job: str, round_: int, attempt: int) -> 
         FL_ATTEMPT=str(attempt),
     )
     return env
+
+
+def hyperparam_env(spec: FederatedJobSpec) -> dict[str, str]:
+    """Each hyperparameter as ``FL_<NAME>`` (booleans as 1 or 0), for training and evaluation."""
+    return {f"FL_{name.upper()}": _text(value) for name, value in spec.hyperparams.items()}
 
 
 def _text(value: str | int | float | bool) -> str:

@@ -35,7 +35,7 @@ from reconciler.registry import (
 from reconciler.source import LocalSource
 from schemas.connection import ENV_REGISTRY_PASSWORD, ENV_REGISTRY_USERNAME
 from schemas.manifests import Output
-from schemas.messages import JobPhase
+from schemas.messages import JobPhase, RoundRecord
 from schemas.topics import Namespace
 from tests.registry import REGISTRY_USERS, Registry
 
@@ -194,7 +194,7 @@ def completed_job(tmp_path: Path, image: str) -> tuple[Coordinator, list[str]]:
     run = coordinator.runs["toy"]
     run.checkpoint.completed = 1
     model = run.checkpoint.model
-    run.checkpoint.history.append({"round": 1, "seconds": 0.1, "model": model, "accuracy": 0.75})
+    run.checkpoint.history.append(RoundRecord(round=1, seconds=0.1, model=model, accuracy=0.75))
     return coordinator, lines
 
 
