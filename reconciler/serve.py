@@ -173,7 +173,6 @@ class Server:
             modules=self._lookup,
             insecure_registry=self.options.insecure_registry,
         )
-        self._coordinating = False
         # The last revision that passed, reused by passes that only move a job's rounds.
         self._last: tuple[Revision, DesiredState] | None = None
         self._job_plan: tuple[object, ...] = ((), ())
@@ -280,6 +279,7 @@ class Server:
         try:
             self.broker.connect()
             self.view.attach(self.broker)
+            self.coordinator.attach()  # the broker renews its subscriptions on reconnects
         except FleetUnreachable as exc:
             self.state.last_error = str(exc)
             log.warning("%s; retrying", exc)
@@ -398,9 +398,6 @@ class Server:
             prune=self.options.prune, wait=False, timeout=self.options.pass_timeout
         )
         self._last = (revision, desired)
-        if not self._coordinating:
-            self.coordinator.attach()  # the broker renews its subscriptions on reconnects
-            self._coordinating = True
         self.coordinator.set_jobs(desired, revision.read)
         observed = self._observe()
         tasks, retired = self.coordinator.step(observed)
