@@ -1,16 +1,16 @@
-"""Chunked artifact transfer, requester side: reassembly, resume and retry decisions.
+"""Chunked artifact transfer, requester side: resume and retry decisions.
 
-``Assembly`` is pure: it takes chunks of a known size in any order and says what is missing.
-``Transfers`` tracks every artifact this agent waits for and decides when to ask again; it does
-no IO itself, it returns the requests to publish, so it is tested without a broker.
+``Transfers`` tracks every artifact this agent waits for (its chunks in a
+``schemas.chunks.Assembly``) and decides when to ask again; it does no IO itself, it returns the
+requests to publish, so it is tested without a broker.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 
+from schemas.chunks import Assembly
 from schemas.messages import ArtifactOffer, ArtifactRequest, chunk_count
 
 log = logging.getLogger(__name__)
@@ -19,51 +19,6 @@ log = logging.getLogger(__name__)
 # client (Mosquitto: 1,000 by default) and silently drop the rest, so a large artifact in small
 # chunks arrives window by window. It also keeps resume requests small.
 WINDOW = 512
-
-
-class Assembly:
-    """One artifact being reassembled from chunks of ``chunk_size`` bytes."""
-
-    def __init__(self, digest: str, size: int, chunk_size: int) -> None:
-        self.digest = digest
-        self.size = size
-        self.chunk_size = chunk_size
-        self.count = chunk_count(size, chunk_size)
-        self._chunks: dict[int, bytes] = {}
-        # Chunks usually arrive in order: hash the contiguous prefix as it grows, so little
-        # hashing is left once the last chunk is in (hashlib releases the GIL meanwhile).
-        self._hasher = hashlib.sha256()
-        self._hashed = 0  # chunks [0, _hashed) are in the hasher
-
-    def expected_length(self, index: int) -> int:
-        if index == self.count - 1:
-            return self.size - index * self.chunk_size
-        return self.chunk_size
-
-    def add(self, index: int, data: bytes) -> bool:
-        """Keep a chunk if it fits; a chunk of the wrong length or index is refused."""
-        if not 0 <= index < self.count or len(data) != self.expected_length(index):
-            return False
-        if index < self._hashed:
-            return True  # a duplicate of a chunk already hashed: keep the first copy
-        self._chunks[index] = data
-        while self._hashed in self._chunks:
-            self._hasher.update(self._chunks[self._hashed])
-            self._hashed += 1
-        return True
-
-    def missing(self) -> list[int]:
-        return [i for i in range(self.count) if i not in self._chunks]
-
-    @property
-    def complete(self) -> bool:
-        return len(self._chunks) == self.count
-
-    def verified(self) -> bytes | None:
-        """The whole content if its sha256 matches the digest, else None."""
-        if not self.complete or "sha256:" + self._hasher.hexdigest() != self.digest:
-            return None
-        return b"".join(self._chunks[i] for i in range(self.count))
 
 
 @dataclass(slots=True)

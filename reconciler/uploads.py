@@ -14,7 +14,6 @@ outside the lock that readers wait on. A malformed message is logged and dropped
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from reconciler.broker import Handler
+from schemas.chunks import Assembly
 from schemas.messages import (
     MAX_CHUNK_SIZE,
     ArtifactOffer,
@@ -55,58 +55,14 @@ class _Partial:
     """One upload being reassembled. Chunks that come before the offer wait in ``early``."""
 
     touched: float
-    offer: ArtifactOffer | None = None
-    buffer: bytearray = field(default_factory=bytearray)
-    received: bytearray = field(default_factory=bytearray)  # one flag per chunk
-    count: int = 0  # chunks received
+    assembly: Assembly | None = None  # from the offer on
     early: dict[int, bytes] = field(default_factory=dict)
     early_bytes: int = 0
-    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
-    hashed: int = 0  # chunks [0, hashed) are in the hasher
 
     @property
     def held(self) -> int:
-        """Bytes of memory this upload holds."""
-        return len(self.buffer) + self.early_bytes
-
-    def expected_length(self, index: int) -> int:
-        assert self.offer is not None
-        last = self.offer.chunks - 1
-        if index == last:
-            return self.offer.size - last * self.offer.chunk_size
-        return self.offer.chunk_size
-
-    def add(self, index: int, data: bytes) -> bool:
-        """Put a chunk in its place; False (and nothing kept) if it does not fit."""
-        offer = self.offer
-        assert offer is not None
-        if not 0 <= index < offer.chunks or len(data) != self.expected_length(index):
-            return False
-        if self.received[index]:
-            return True  # a duplicate (QoS 1 may deliver twice): the first copy stays
-        start = index * offer.chunk_size
-        self.buffer[start : start + len(data)] = data
-        self.received[index] = 1
-        self.count += 1
-        # Chunks usually come in order: hash the contiguous prefix as it grows.
-        view = memoryview(self.buffer)
-        while self.hashed < offer.chunks and self.received[self.hashed]:
-            begin = self.hashed * offer.chunk_size
-            self.hasher.update(view[begin : begin + self.expected_length(self.hashed)])
-            self.hashed += 1
-        return True
-
-    @property
-    def complete(self) -> bool:
-        return self.offer is not None and self.count == self.offer.chunks
-
-    def digest(self) -> str:
-        """The sha256 of the complete content; hashes whatever the in-order pass left."""
-        assert self.offer is not None
-        view = memoryview(self.buffer)
-        self.hasher.update(view[self.hashed * self.offer.chunk_size :])
-        self.hashed = self.offer.chunks
-        return "sha256:" + self.hasher.hexdigest()
+        """Bytes of memory this upload holds, counting an offered upload at its full size."""
+        return (self.assembly.size if self.assembly is not None else 0) + self.early_bytes
 
 
 class Uploads:
@@ -218,30 +174,24 @@ class Uploads:
             if key in self._complete:
                 return None  # already have it: the same digest is the same content
             partial = self._partials.get(key)
-            if partial is not None and partial.offer is not None:
-                if (partial.offer.size, partial.offer.chunk_size) == (
-                    offer.size,
-                    offer.chunk_size,
-                ):
+            if partial is not None and partial.assembly is not None:
+                held = partial.assembly
+                if (held.size, held.chunk_size) == (offer.size, offer.chunk_size):
                     partial.touched = now
                     return None  # the same offer again (a resend)
                 partial = None  # chunked differently: start over
             early = partial.early if partial is not None else {}
-            partial = _Partial(
-                touched=now,
-                offer=offer,
-                buffer=bytearray(offer.size),
-                received=bytearray(offer.chunks),
-            )
+            assembly = Assembly(offer.digest, offer.size, offer.chunk_size)
+            partial = _Partial(touched=now, assembly=assembly)
             self._partials[key] = partial
             for index, data in sorted(early.items()):
-                if not partial.add(index, data):
+                if not assembly.add(index, data):
                     self.dropped += 1
                     log.warning(
                         "dropped chunk %d of %s from %s: does not fit", index, key[1], key[0]
                     )
             self._bound_partials(keep=key)
-            if partial.complete:
+            if assembly.complete:
                 del self._partials[key]
                 return partial
             return None
@@ -252,7 +202,7 @@ class Uploads:
             if key in self._complete:
                 return None  # a late duplicate
             partial = self._partials.get(key)
-            if partial is None or partial.offer is None:
+            if partial is None or partial.assembly is None:
                 # Before its offer: keep it for when the offer comes, within the bounds.
                 if partial is None:
                     partial = self._partials[key] = _Partial(touched=now)
@@ -265,31 +215,33 @@ class Uploads:
                 partial.touched = now
                 self._bound_partials(keep=key)
                 return None
-            if not partial.add(index, data):
+            assembly = partial.assembly
+            if not assembly.add(index, data):
                 self._drop(
                     topic,
                     f"chunk {index} of {len(data)} bytes does not fit an upload of"
-                    f" {partial.offer.size} bytes in chunks of {partial.offer.chunk_size}",
+                    f" {assembly.size} bytes in chunks of {assembly.chunk_size}",
                 )
                 return None
             partial.touched = now
-            if not partial.complete:
+            if not assembly.complete:
                 return None
             del self._partials[key]
             return partial
 
     def _finish(self, key: Key, partial: _Partial) -> None:
         """Verify a complete upload (outside the lock) and keep it; then tell the owner."""
-        actual = partial.digest()
-        if actual != key[1]:
+        assembly = partial.assembly
+        assert assembly is not None  # only complete uploads are finished
+        content = assembly.verified()
+        if content is None:
+            actual = assembly.actual_digest()
             with self._cond:
                 self.dropped += 1
             log.warning(
                 "upload %s from %s refused: its content hashes to %s", key[1], key[0], actual
             )
             return
-        content = bytes(partial.buffer)
-        partial.buffer = bytearray()
         with self._cond:
             self._complete[key] = content
             self._complete.move_to_end(key)

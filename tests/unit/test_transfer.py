@@ -7,7 +7,8 @@ import itertools
 
 import pytest
 
-from proplet.transfer import Assembly, Timing, Transfers
+from proplet.transfer import Timing, Transfers
+from schemas.chunks import Assembly
 from schemas.messages import ArtifactOffer
 
 DATA = bytes(range(256)) * 41  # 10,496 bytes: 10 full chunks of 1 KiB and a short last one
