@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Protocol
 
 from proplet.artifacts import file_digest
-from schemas.messages import MAX_TASK_FILES, ArtifactOffer, ArtifactRef, chunk_count
+from schemas.messages import (
+    FILE_NAME_PATTERN,
+    MAX_TASK_FILES,
+    ArtifactOffer,
+    ArtifactRef,
+    chunk_count,
+)
 from schemas.topics import Namespace
 
 log = logging.getLogger(__name__)
@@ -36,8 +42,7 @@ UPLOAD_CHUNK_SIZE = 256 * 1024
 # Bytes published but not yet acknowledged by the broker before the uploader waits.
 UPLOAD_WINDOW_BYTES = 8 * 1024 * 1024
 ACK_TIMEOUT = 30.0
-_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # used with fullmatch
-_READ_CHUNK = 1024 * 1024
+_FILE_NAME = re.compile(FILE_NAME_PATTERN)  # with fullmatch: no trailing newline slips by
 
 
 class FilesError(Exception):

@@ -98,10 +98,11 @@ class Presence(Message):
     online: bool
 
 
+FILE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 FileName = Annotated[
     str,
     Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        pattern=FILE_NAME_PATTERN,
         description="a plain file name: 1-63 letters, digits, '.', '_' or '-'",
     ),
 ]
