@@ -71,6 +71,17 @@ def apply_job(propctl: Propctl, repo: GitRepo, state: Path, code: int = 0) -> di
     return report
 
 
+def round_under_way(checkpoint: Path, number: int, timeout: float = 30.0) -> bool:
+    """Wait until the job's checkpoint shows round ``number`` started; False on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        saved = json.loads(checkpoint.read_text()) if checkpoint.exists() else {}
+        if saved.get("completed", 0) >= number - 1 and saved.get("attempt", 0) >= 1:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def final_model(state: Path, job: str) -> np.ndarray:
     return from_bytes((state / "jobs" / job / "final.npy").read_bytes())
 
@@ -216,13 +227,7 @@ def test_a_restarted_coordinator_resumes_at_the_interrupted_round(
 
     first = propctl.popen("apply", "--repo", repo.url, "--wait", "--state-dir", str(state))
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            saved = json.loads(checkpoint.read_text()) if checkpoint.exists() else {}
-            if saved.get("completed", 0) >= 2 and saved.get("attempt", 0) >= 1:
-                break  # round 3 is under way
-            time.sleep(0.05)
-        else:
+        if not round_under_way(checkpoint, 3):
             pytest.fail("the job did not reach round 3")
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
@@ -261,13 +266,7 @@ def test_serve_drives_a_job_and_resumes_it_after_a_restart(
     serve = Serve(broker.url, tmp_path / "serve", repo.url, interval="30s")
     checkpoint = serve.state_dir / "jobs" / "toy" / "state.json"
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            saved = json.loads(checkpoint.read_text()) if checkpoint.exists() else {}
-            if saved.get("completed", 0) >= 1 and saved.get("attempt", 0) >= 1:
-                break  # round 2 is under way
-            time.sleep(0.05)
-        else:
+        if not round_under_way(checkpoint, 2):
             pytest.fail(f"serve did not reach round 2:\n{serve.log()[-3000:]}")
         serve.process.kill()  # no clean stop: the round in flight is lost
         serve.process.wait(10)
