@@ -8,10 +8,9 @@
 #include <zephyr/kernel.h>
 #include <zephyr/logging/log.h>
 
-LOG_MODULE_REGISTER(pb_crypto, CONFIG_PROPELLER_LOG_LEVEL);
+#include "glue.h"
 
-int crypto_glue_init(void);
-int crypto_glue_sha256(void *ctx, const uint8_t *data, size_t len, uint8_t out[32]);
+LOG_MODULE_REGISTER(pb_crypto, CONFIG_PROPELLER_LOG_LEVEL);
 
 #if defined(CONFIG_PROPELLER_PSA_SHA256)
 #include <psa/crypto.h>

@@ -12,16 +12,13 @@
 #include <zephyr/logging/log.h>
 #include <zephyr/settings/settings.h>
 
+#include "glue.h"
+
 LOG_MODULE_REGISTER(pb_kv, CONFIG_PROPELLER_LOG_LEVEL);
 
 #define KV_CORE_PREFIX "pb/core/"
 #define KV_CFG_PREFIX "pb/cfg/"
 #define KV_NAME_MAX 48
-
-int kv_glue_init(void);
-int kv_glue_get(void *ctx, const char *key, void *buf, size_t len);
-int kv_glue_set(void *ctx, const char *key, const void *buf, size_t len);
-int kv_glue_config(const char *key, char *out, size_t cap);
 
 struct kv_read {
     void *buf;

@@ -40,34 +40,10 @@
 #include <zephyr/net/sntp.h>
 #endif
 
+#include "glue.h"
 #include "propeller/core.h"
 
 LOG_MODULE_REGISTER(propeller, CONFIG_PROPELLER_LOG_LEVEL);
-
-/* ---- the glue files: mqtt_glue.c, wasm_glue.c, kv_glue.c, crypto_glue.c --------------- */
-
-void mqtt_glue_bind(struct mqtt_client *client, pb_core *core);
-int mqtt_glue_connack(void);
-bool mqtt_glue_up(void);
-int mqtt_glue_fd(const struct mqtt_client *client);
-void mqtt_glue_event(struct mqtt_client *client, const struct mqtt_evt *evt);
-int mqtt_glue_publish(void *ctx, const char *topic, const uint8_t *payload, size_t len, int qos,
-                      bool retain);
-int mqtt_glue_subscribe(void *ctx, const char *filter, int qos);
-
-int wasm_glue_init(void);
-int wasm_glue_start(void *ctx, int slot, const uint8_t *module, size_t len, const char *function,
-                    int argc, const int64_t *args, const struct pb_limits *limits);
-void wasm_glue_stop(void *ctx, int slot);
-void wasm_glue_drain(pb_core *core);
-
-int kv_glue_init(void);
-int kv_glue_get(void *ctx, const char *key, void *buf, size_t len);
-int kv_glue_set(void *ctx, const char *key, const void *buf, size_t len);
-int kv_glue_config(const char *key, char *out, size_t cap);
-
-int crypto_glue_init(void);
-int crypto_glue_sha256(void *ctx, const uint8_t *data, size_t len, uint8_t out[32]);
 
 /* ---- configuration -------------------------------------------------------------------- */
 

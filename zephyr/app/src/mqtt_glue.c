@@ -17,18 +17,10 @@
 #include <zephyr/net/mqtt.h>
 #include <zephyr/net/socket.h>
 
+#include "glue.h"
 #include "propeller/core.h"
 
 LOG_MODULE_REGISTER(pb_mqtt, CONFIG_PROPELLER_LOG_LEVEL);
-
-void mqtt_glue_bind(struct mqtt_client *client, pb_core *core);
-int mqtt_glue_connack(void);
-bool mqtt_glue_up(void);
-int mqtt_glue_fd(const struct mqtt_client *client);
-void mqtt_glue_event(struct mqtt_client *client, const struct mqtt_evt *evt);
-int mqtt_glue_publish(void *ctx, const char *topic, const uint8_t *payload, size_t len, int qos,
-                      bool retain);
-int mqtt_glue_subscribe(void *ctx, const char *filter, int qos);
 
 BUILD_ASSERT(CONFIG_PROPELLER_MQTT_TX_BUF >= PB_OUT_MAX + PB_TOPIC_MAX + 16,
              "the MQTT transmit buffer must hold the core's largest message");

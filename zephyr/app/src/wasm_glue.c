@@ -26,16 +26,11 @@
 #include <zephyr/sys/atomic.h>
 #include <zephyr/sys/util.h>
 
+#include "glue.h"
 #include "propeller/core.h"
 #include "wasm_export.h"
 
 LOG_MODULE_REGISTER(pb_wasm, CONFIG_PROPELLER_LOG_LEVEL);
-
-int wasm_glue_init(void);
-int wasm_glue_start(void *ctx, int slot, const uint8_t *module, size_t len, const char *function,
-                    int argc, const int64_t *args, const struct pb_limits *limits);
-void wasm_glue_stop(void *ctx, int slot);
-void wasm_glue_drain(pb_core *core);
 
 #define WASM_PAGE_BYTES 65536u
 #define SLEEP_STEP_MS 10
