@@ -6,15 +6,21 @@
 
 const char *const pb_state_names[5] = {"Pending", "Running", "Completed", "Failed", "Stopped"};
 
+/* m/{domain}/c/{channel}: the namespace every topic lives under */
+static void root(struct pb_out *o, const struct pb_ident *id)
+{
+    pb_out_raw(o, "m/");
+    pb_out_raw(o, id->domain);
+    pb_out_raw(o, "/c/");
+    pb_out_raw(o, id->channel);
+}
+
 int pb_topic(const struct pb_ident *id, char *buf, size_t cap, const char *suffix,
              const char *suffix2)
 {
     struct pb_out o;
     pb_out_init(&o, buf, cap);
-    pb_out_raw(&o, "m/");
-    pb_out_raw(&o, id->domain);
-    pb_out_raw(&o, "/c/");
-    pb_out_raw(&o, id->channel);
+    root(&o, id);
     pb_out_raw(&o, "/proplets/");
     pb_out_raw(&o, id->id);
     pb_out_char(&o, '/');
@@ -29,10 +35,7 @@ int pb_topic_request(const struct pb_ident *id, char *buf, size_t cap)
 {
     struct pb_out o;
     pb_out_init(&o, buf, cap);
-    pb_out_raw(&o, "m/");
-    pb_out_raw(&o, id->domain);
-    pb_out_raw(&o, "/c/");
-    pb_out_raw(&o, id->channel);
+    root(&o, id);
     pb_out_raw(&o, "/artifacts/request");
     return pb_out_end(&o);
 }
